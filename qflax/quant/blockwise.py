@@ -1,0 +1,138 @@
+"""8-bit blockwise quantization with a 256-entry code (SPEC §3.3).
+
+Used on its own (``quantize_blockwise``) and for double quantization of 4-bit absmax
+statistics (``compress_statistics=True``, SPEC §3.1 step 9).
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from qflax.quant import codebooks, validation
+
+
+@struct.dataclass
+class Blockwise8bit:
+    """An 8-bit blockwise-quantized tensor.
+
+    Attributes:
+      codes: uint8 array, same shape as the original tensor: indices into ``code``.
+      absmax: float32 ``(ceil(n / blocksize),)`` absolute maximum of each block.
+      code: float32 ``(256,)`` sorted code table (the dynamic map by default).
+      shape: static; the original shape.
+      dtype: static; the original dtype name ("float32", "float16", "bfloat16").
+      blocksize: static; elements per block of the flattened tensor.
+    """
+
+    codes: jax.Array
+    absmax: jax.Array
+    code: jax.Array
+    shape: tuple = struct.field(pytree_node=False)
+    dtype: str = struct.field(pytree_node=False)
+    blocksize: int = struct.field(pytree_node=False)
+
+
+def block_absmax(flat: jax.Array, blocksize: int) -> jax.Array:
+    """float32 absolute maximum of each run of ``blocksize`` elements of a flat array.
+
+    Args:
+      flat: 1-D float array.
+      blocksize: elements per block; the last block may be partial.
+
+    Returns:
+      float32 array of shape ``(ceil(flat.size / blocksize),)``.
+    """
+    blocks = pad_to_blocks(flat.astype(jnp.float32), blocksize)
+    return jnp.max(jnp.abs(blocks), axis=1)
+
+
+def pad_to_blocks(flat: jax.Array, blocksize: int) -> jax.Array:
+    """Zero-pads a flat array to whole blocks and reshapes it to ``(nblocks, blocksize)``."""
+    nblocks = -(-flat.size // blocksize)
+    return jnp.pad(flat, (0, nblocks * blocksize - flat.size)).reshape(nblocks, blocksize)
+
+
+def encode_with_code(scaled: jax.Array, code: jax.Array) -> jax.Array:
+    """Nearest entry of a sorted code for each scaled value; ties go to the lower index.
+
+    Args:
+      scaled: float32 values in [-1, 1].
+      code: float32 sorted code table.
+
+    Returns:
+      uint8 indices, same shape as ``scaled``.
+    """
+    mids = (code[:-1] + code[1:]) / jnp.float32(2)
+    return jnp.searchsorted(mids, scaled, side="left").astype(jnp.uint8)
+
+
+def quantize_flat(flat: jax.Array, code: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array]:
+    """Blockwise 8-bit quantization of a flat float32 array.
+
+    An all-zero block gets absmax 0 and codes 0 (bitsandbytes does the same), with no NaN.
+
+    Args:
+      flat: 1-D float32 array.
+      code: float32 sorted code table.
+      blocksize: elements per block.
+
+    Returns:
+      ``(codes, absmax)``: uint8 of ``flat``'s shape and float32 ``(nblocks,)``.
+    """
+    blocks = pad_to_blocks(flat.astype(jnp.float32), blocksize)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    inv = jnp.float32(1) / absmax
+    scaled = jnp.clip(blocks * inv[:, None], -1.0, 1.0)
+    codes = encode_with_code(scaled, code)
+    codes = jnp.where((absmax == 0)[:, None], jnp.uint8(0), codes)
+    return codes.reshape(-1)[: flat.size], absmax
+
+
+def dequantize_flat(codes: jax.Array, absmax: jax.Array, code: jax.Array, blocksize: int) -> jax.Array:
+    """float32 ``code[codes[i]] * absmax[i // blocksize]`` for flat ``codes``."""
+    values = pad_to_blocks(jnp.take(code, codes.reshape(-1).astype(jnp.int32)), blocksize)
+    return (values * absmax[:, None]).reshape(-1)[: codes.size]
+
+
+def quantize_blockwise(
+    x: jax.Array, code: Optional[jax.Array] = None, blocksize: int = 4096
+) -> Blockwise8bit:
+    """Quantizes a float tensor to 8-bit codes, one float32 absmax per block.
+
+    Args:
+      x: float32/float16/bfloat16 array, any shape, flattened row-major into blocks.
+      code: 256-entry sorted float32 code; defaults to the dynamic map (SPEC §1.4).
+      blocksize: one of 64, 128, ..., 4096.
+
+    Returns:
+      A :class:`Blockwise8bit` pytree.
+
+    Example:
+      >>> q = quantize_blockwise(jnp.linspace(-1, 1, 8192))
+      >>> dequantize_blockwise(q).shape
+      (8192,)
+    """
+    x = validation.check_float_array(x)
+    validation.check_choice(blocksize, validation.BLOCKSIZES_8BIT, "blocksize")
+    validation.check_finite_if_concrete(x)
+    code = jnp.asarray(codebooks.DYNAMIC_MAP if code is None else code, dtype=jnp.float32)
+    if code.shape != (256,):
+        raise ValueError(f"code must have shape (256,), got {tuple(code.shape)}")
+    codes, absmax = quantize_flat(x.reshape(-1), code, blocksize)
+    return Blockwise8bit(
+        codes=codes.reshape(x.shape),
+        absmax=absmax,
+        code=code,
+        shape=tuple(x.shape),
+        dtype=np.dtype(x.dtype).name,
+        blocksize=blocksize,
+    )
+
+
+def dequantize_blockwise(q: Blockwise8bit) -> jax.Array:
+    """Reconstructs the tensor of a :class:`Blockwise8bit` in its original shape and dtype."""
+    values = dequantize_flat(q.codes, q.absmax, q.code, q.blocksize)
+    return values.astype(q.dtype).reshape(q.shape)

@@ -1,0 +1,166 @@
+"""LLM.int8 primitives (SPEC §3.5): row/column int8 quantization with outliers, int8 matmul, dequant.
+
+Rounding is round-half-to-even of ``x * (127 / absmax)`` computed in float32, as
+bitsandbytes' CUDA and CPU kernels do. An all-zero row (or column) has scale 0 and codes 0,
+never NaN. Outliers are reported as a boolean column mask, because a data-dependent list
+of indices has no static shape under ``jax.jit``; ``outlier_columns`` turns a concrete
+mask into bitsandbytes' sorted index list.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from qflax.quant import validation
+
+# 1 / (127 * 127) in float32: the exact dequant factor (bitsandbytes' CPU literal
+# 6.200124e-05 is 1.8e-5 relatively too large, SPEC §1.5).
+INV_127_SQUARED = np.float32(1.0 / (127 * 127))
+INV_127 = np.float32(1.0 / 127)
+
+
+@struct.dataclass
+class Int8Rows:
+    """A 2-D tensor quantized to int8 per row (bitsandbytes' ``CB``/``SCB`` pair).
+
+    Attributes:
+      codes: int8 ``(rows, cols)``.
+      scale: float32 ``(rows,)``: the absolute maximum of each row (bitsandbytes' SCB).
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+
+
+def _check_threshold(threshold: float) -> None:
+    if not np.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+
+
+def round_to_int8(scaled: jax.Array) -> jax.Array:
+    """Round half to even and cast to int8 (inputs are within [-127, 127])."""
+    return jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8)
+
+
+def scale_factor(absmax: jax.Array) -> jax.Array:
+    """``127 / absmax`` in float32, with 0 where absmax is 0 (so zero rows give codes 0)."""
+    absmax = absmax.astype(jnp.float32)
+    safe = jnp.where(absmax == 0, jnp.float32(1), absmax)
+    return jnp.where(absmax == 0, jnp.float32(0), jnp.float32(127) / safe)
+
+
+def outlier_mask(x: jax.Array, threshold: float) -> jax.Array:
+    """Boolean ``(cols,)`` mask of the columns of a 2-D ``x`` holding any ``|x| >= threshold``.
+
+    A threshold of 0 means "no outlier handling" and gives an all-False mask.
+    """
+    _check_threshold(threshold)
+    if threshold == 0:
+        return jnp.zeros(x.shape[-1], bool)
+    return jnp.any(jnp.abs(x.astype(jnp.float32)) >= threshold, axis=0)
+
+
+def outlier_columns(mask: jax.Array) -> np.ndarray:
+    """Sorted int64 indices of the True entries of a concrete outlier mask (bitsandbytes' outlier_cols)."""
+    return np.nonzero(np.asarray(mask))[0].astype(np.int64)
+
+
+def int8_vectorwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row-wise int8 quantization with optional outlier columns (bitsandbytes' int8_vectorwise_quant).
+
+    With ``threshold > 0``, elements with ``|x| >= threshold`` are left out of their row's
+    absmax and quantized to 0; when there is more than one row, every column holding such
+    an element is zeroed entirely (those columns go through the float path instead).
+
+    Args:
+      x: float array; all leading dimensions are flattened into rows.
+      threshold: outlier threshold, >= 0 (0 disables outlier handling).
+
+    Returns:
+      ``(codes, row_stats, outlier_mask)``: int8 ``(rows, cols)``, float32 ``(rows,)`` and
+      bool ``(cols,)``.
+    """
+    x = validation.check_float_array(x)
+    _check_threshold(threshold)
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    mask = outlier_mask(x2, threshold)
+    if threshold > 0:
+        is_outlier = jnp.abs(x2) >= threshold
+        x2 = jnp.where(is_outlier, jnp.float32(0), x2)
+        if x2.shape[0] > 1:
+            x2 = jnp.where(mask[None, :], jnp.float32(0), x2)
+    row_stats = jnp.max(jnp.abs(x2), axis=1)
+    codes = round_to_int8(x2 * scale_factor(row_stats)[:, None])
+    return codes, row_stats, mask
+
+
+def quantize_rows(w: jax.Array) -> Int8Rows:
+    """Row-wise int8 quantization of a 2-D weight ``(out, in)`` (bitsandbytes' CB, SCB).
+
+    Args:
+      w: float array of shape ``(out, in)``.
+
+    Returns:
+      An :class:`Int8Rows`.
+    """
+    w = validation.check_float_array(w, "w")
+    if w.ndim != 2:
+        raise ValueError(f"w must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    codes, scale, _ = int8_vectorwise_quant(w)
+    return Int8Rows(codes=codes, scale=scale)
+
+
+def int8_columnwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Column-wise int8 quantization of a 2-D ``x`` (the column half of int8_double_quant).
+
+    Returns:
+      ``(codes, col_stats)``: int8 ``(rows, cols)`` and float32 ``(cols,)``.
+    """
+    x = validation.check_float_array(x)
+    _check_threshold(threshold)
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if threshold > 0:
+        x2 = jnp.where(jnp.abs(x2) >= threshold, jnp.float32(0), x2)
+    col_stats = jnp.max(jnp.abs(x2), axis=0)
+    return round_to_int8(x2 * scale_factor(col_stats)[None, :]), col_stats
+
+
+def int8_vectorwise_dequant(codes: jax.Array, stats: jax.Array) -> jax.Array:
+    """float32 ``codes * stats[:, None] / 127``."""
+    return codes.astype(jnp.float32) * stats.astype(jnp.float32)[:, None] * INV_127
+
+
+def int8_linear_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Exact int32 ``a @ b.T`` of int8 ``a (M, K)`` and int8 ``b (N, K)``."""
+    for name, arr in (("a", a), ("b", b)):
+        if arr.dtype != jnp.int8:
+            raise TypeError(f"{name} must be int8, got {arr.dtype}")
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"a and b must share their last dimension, got {a.shape} and {b.shape}")
+    return jax.lax.dot_general(
+        a, b, (((a.ndim - 1,), (b.ndim - 1,)), ((), ())), preferred_element_type=jnp.int32
+    )
+
+
+def int8_mm_dequant(
+    acc: jax.Array, row_stats: jax.Array, col_stats: jax.Array, bias: jax.Array | None = None
+) -> jax.Array:
+    """float32 ``acc * row_stats[:, None] * col_stats[None, :] / 127² (+ bias)``.
+
+    Args:
+      acc: int32 ``(M, N)`` accumulator of an int8 matmul.
+      row_stats: float32 ``(M,)`` absmax of the rows of the left operand.
+      col_stats: float32 ``(N,)`` absmax of the rows of the right (weight) operand.
+      bias: optional ``(N,)``, added in float32.
+
+    Returns:
+      float32 ``(M, N)``.
+    """
+    if acc.dtype != jnp.int32:
+        raise TypeError(f"acc must be int32, got {acc.dtype}")
+    out = acc.astype(jnp.float32) * (row_stats.astype(jnp.float32)[:, None] * INV_127_SQUARED)
+    out = out * col_stats.astype(jnp.float32)[None, :]
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out

@@ -1,0 +1,51 @@
+"""SwitchBack quantizers (SPEC §7.1): row-wise, column-wise-transposed, global, global-transposed.
+
+All compute ``rne(127 * x / absmax)`` in float32 (bitsandbytes' Triton kernels worked in
+the input precision; float32 is at least as accurate). Scales are returned in float32. An
+all-zero row/column/tensor has scale 0 and codes 0, never NaN.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from qflax.quant import validation
+from qflax.quant.int8 import round_to_int8, scale_factor
+
+
+def _as_2d(x: jax.Array, name: str = "x") -> jax.Array:
+    x = validation.check_float_array(x, name)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+    return x.astype(jnp.float32)
+
+
+def quantize_rowwise(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row int8 codes of a 2-D ``x (M, K)`` and float32 row absmax ``(M,)``."""
+    x = _as_2d(x)
+    absmax = jnp.max(jnp.abs(x), axis=1)
+    return round_to_int8(x * scale_factor(absmax)[:, None]), absmax
+
+
+def quantize_columnwise_and_transpose(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-column int8 codes of ``x (M, N)``, written transposed ``(N, M)``, and column absmax ``(N,)``."""
+    x = _as_2d(x)
+    absmax = jnp.max(jnp.abs(x), axis=0)
+    return round_to_int8(x * scale_factor(absmax)[None, :]).T, absmax
+
+
+def quantize_global(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int8 codes of ``x`` (any shape) with one tensor-wide absmax, returned as float32 ``(1,)``."""
+    x = validation.check_float_array(x).astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(x)).reshape(1)
+    return round_to_int8(x * scale_factor(absmax)[0]), absmax
+
+
+def quantize_global_transpose(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Global int8 codes of a 2-D ``x (M, N)`` written transposed ``(N, M)``, and the absmax ``(1,)``."""
+    codes, absmax = quantize_global(_as_2d(x))
+    return codes.T, absmax
+
+
+def dequantize_rowwise(codes: jax.Array, absmax: jax.Array) -> jax.Array:
+    """float32 ``absmax[m] * codes[m, k] / 127``."""
+    return codes.astype(jnp.float32) * (absmax.astype(jnp.float32)[:, None] / jnp.float32(127))

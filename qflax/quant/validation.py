@@ -1,0 +1,52 @@
+"""Argument checks shared by the quantizers: every error names the argument and what is allowed."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def check_float_array(x: Any, name: str = "x") -> jax.Array:
+    """Returns ``x`` as a jax array after checking it is a non-empty fp32/fp16/bf16 array.
+
+    Args:
+      x: the array to check (jax or numpy array, or anything jnp.asarray accepts).
+      name: the argument name used in error messages.
+
+    Returns:
+      ``x`` as a jax array.
+
+    Raises:
+      TypeError: ``x`` is not a float32, float16 or bfloat16 array.
+      ValueError: ``x`` is empty.
+    """
+    dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    if dtype.name not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {dtype.name}")
+    x = jnp.asarray(x)
+    if x.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_finite_if_concrete(x: jax.Array, name: str = "x") -> None:
+    """Raises ValueError if a concrete (not traced) ``x`` holds NaN or Inf.
+
+    Under ``jax.jit`` the values are unknown at trace time, so no check is made; the
+    quantizers then confine a non-finite value to its own block (see fourbit.py).
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or Inf; quantization needs finite values")
+
+
+def check_choice(value: Any, allowed: tuple, name: str) -> None:
+    """Raises ValueError unless ``value`` is one of ``allowed``."""
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
