@@ -25,7 +25,7 @@ def check_float_array(x: Any, name: str = "x") -> jax.Array:
       TypeError: ``x`` is not a float32, float16 or bfloat16 array.
       ValueError: ``x`` is empty.
     """
-    dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     if dtype.name not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {dtype.name}")
     x = jnp.asarray(x)
