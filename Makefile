@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.base-installed
 TEST_STAMP := $(VENV)/.test-installed
 # torch 2.13.0 is the CPU build a CPU machine has on disk; installing it first keeps the
-# `torch` requirements of the extras (and of bitsandbytes) from pulling CUDA wheels.
+# `torch` requirements of the extras (and of bitsandbytes, and of the demo model's wheel through
+# sentence-transformers) from pulling CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
@@ -15,6 +16,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(BASE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e .
 	touch $@
 

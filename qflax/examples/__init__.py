@@ -1,0 +1,1 @@
+"""Worked examples: real models built from qflax layers."""
