@@ -61,10 +61,6 @@ def _tree_bytes(tree) -> int:
     return sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def _dense_paths(params: dict) -> list[tuple[str, str]]:
-    return [(layer, dense) for layer in params if layer.startswith("layer_") for dense in _DENSE_NAMES]
-
-
 def quantize_minilm(
     params: dict,
     fmt: str,
@@ -93,38 +89,25 @@ def quantize_minilm(
     config = config or minilm.MiniLMConfig()
     if fmt == "float32":
         return QuantizedMiniLM(fmt, minilm.MiniLM(config), {"params": params})
-    dense_factory, quantize_dense = _FORMAT_BUILDERS[fmt](int8_threshold)
+    from qflax import linen as qnn
+
+    if fmt == "int8":
+        dense_factory = functools.partial(qnn.Dense8bitLt, threshold=int8_threshold)
+        quantize_layer = qnn.quantize_dense_params
+    else:
+        dense_factory = functools.partial(qnn.Dense4bit, quant_type=fmt)
+        quantize_layer = functools.partial(qnn.quantize_params_4bit, quant_type=fmt, progress=False)
     float_params = dict(params)
     quantized: dict[str, Any] = {}
-    paths = _dense_paths(params)
-    for layer, dense in tqdm(paths, desc=f"quantizing {fmt}", unit="matrix", disable=not progress, leave=False):
-        layer_params = dict(float_params[layer])
-        trainable, frozen = quantize_dense(layer_params[dense])
-        layer_params[dense] = trainable
-        float_params[layer] = layer_params
-        quantized.setdefault(layer, {})[dense] = frozen
+    layers = [name for name in params if name.startswith("layer_")]
+    # One step per encoder layer: its six dense kernels are quantized, its LayerNorms stay float.
+    for layer in tqdm(layers, desc=f"quantizing to {fmt}", unit="layer", disable=not progress, leave=False):
+        converted = quantize_layer(params[layer])
+        float_params[layer] = converted["params"]
+        quantized[layer] = converted["quantized"]
     jax.block_until_ready(quantized)
     variables = {"params": float_params, "quantized": quantized}
     return QuantizedMiniLM(fmt, minilm.MiniLM(config, dense=dense_factory), variables)
-
-
-def _fourbit_builder(quant_type: str) -> Callable[[float], tuple[Callable, Callable]]:
-    def build(_threshold: float):
-        from qflax import linen as qnn
-
-        factory = functools.partial(qnn.Dense4bit, quant_type=quant_type)
-        return factory, functools.partial(qnn.quantize_dense_4bit, quant_type=quant_type)
-
-    return build
-
-
-def _int8_builder(threshold: float):
-    from qflax import linen as qnn
-
-    return functools.partial(qnn.Dense8bitLt, threshold=threshold), qnn.quantize_dense_8bit
-
-
-_FORMAT_BUILDERS = {"nf4": _fourbit_builder("nf4"), "fp4": _fourbit_builder("fp4"), "int8": _int8_builder}
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -52,7 +52,7 @@ SENTENCES = (
     "The orchestra rehearsed Beethoven's Ninth Symphony for the gala concert.",
     "Is it safe to drink tap water here?",
     "The committee will review all applications by the end of the month.",
-    "ok",
+    "Thanks, see you tomorrow!",
     "The defendant pleaded not guilty to all charges in federal court on Monday afternoon, and the judge set "
     "a trial date for early next year after a lengthy discussion with both legal teams about the evidence.",
     "Solar panels convert sunlight directly into electricity using photovoltaic cells.",
