@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from qflax.examples import minilm
 from qflax.examples.sentences import SENTENCES
@@ -132,6 +132,7 @@ def demo_rows(
     int8_threshold: float = INT8_THRESHOLD,
     repeats: int = 5,
     progress: bool = True,
+    num_layers: Optional[int] = None,
 ) -> list[dict]:
     """Runs MiniLM in each format on one batch of sentences and measures it against float32.
 
@@ -141,6 +142,10 @@ def demo_rows(
       int8_threshold: outlier threshold of the int8 format.
       repeats: timed runs per format (the median is reported), after one compiling run.
       progress: show progress bars while quantizing.
+      num_layers: run only the first ``num_layers`` encoder layers (a quick smoke run; default all 6).
+
+    Raises:
+      ValueError: an unknown format, or ``num_layers`` outside 1..6.
 
     Returns:
       One dict per format: ``format``, ``dense_bytes``, ``total_bytes``, ``dense_fraction`` (of float32's
@@ -150,8 +155,12 @@ def demo_rows(
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"formats must be drawn from {FORMATS}, got {fmt!r}")
-    params = minilm.load_params()
     config = minilm.load_config()
+    if num_layers is not None:
+        if not 1 <= num_layers <= config.num_hidden_layers:
+            raise ValueError(f"num_layers must be in 1..{config.num_hidden_layers}, got {num_layers!r}")
+        config = dataclasses.replace(config, num_hidden_layers=num_layers)
+    params = minilm.load_params(config=config)
     ids, mask = minilm.tokenize(minilm.load_tokenizer(), sentences)
     rows, reference, float_dense = [], None, None
     for fmt in ("float32",) + tuple(f for f in formats if f != "float32"):

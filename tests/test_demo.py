@@ -1,5 +1,6 @@
 """The MiniLM example and ``python -m qflax demo``: the real model, in float and quantized."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -112,3 +113,21 @@ def test_module_entry_point_exits_2_on_unknown_command():
     assert result.returncode == 2
     assert "usage: python -m qflax" in result.stderr
     assert "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize("num_layers", [0, 7])
+def test_demo_rows_rejects_bad_num_layers(num_layers):
+    with pytest.raises(ValueError, match="num_layers must be in 1..6"):
+        demo.demo_rows(FEW, num_layers=num_layers)
+
+
+def test_demo_rows_rejects_unknown_format():
+    with pytest.raises(ValueError, match="formats must be drawn from"):
+        demo.demo_rows(FEW, formats=("float32", "int4"))
+
+
+def test_load_params_reads_only_the_configured_layers(float_params):
+    two = dataclasses.replace(minilm.load_config(), num_hidden_layers=2)
+    params = minilm.load_params(config=two)
+    assert sorted(k for k in params if k.startswith("layer_")) == ["layer_0", "layer_1"]
+    np.testing.assert_array_equal(params["layer_1"]["query"]["kernel"], float_params["layer_1"]["query"]["kernel"])

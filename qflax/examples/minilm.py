@@ -203,11 +203,13 @@ def load_config(directory: Optional[Path] = None) -> MiniLMConfig:
     return MiniLMConfig.from_json(Path(directory or model_dir()) / "config.json")
 
 
-def load_params(directory: Optional[Path] = None) -> dict[str, Any]:
+def load_params(directory: Optional[Path] = None, config: Optional[MiniLMConfig] = None) -> dict[str, Any]:
     """The float32 ``params`` of :class:`MiniLM` read from ``model.safetensors`` in ``directory``.
 
     Args:
       directory: a folder with ``config.json`` and ``model.safetensors`` (default: :func:`model_dir`).
+      config: the encoder's shape (default: the folder's ``config.json``); a config with fewer
+        ``num_hidden_layers`` reads only the first layers (a truncated model, for quick smoke runs).
 
     Returns:
       The nested params dict (numpy float32 arrays).
@@ -215,7 +217,7 @@ def load_params(directory: Optional[Path] = None) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
     directory = Path(directory or model_dir())
-    return convert_checkpoint(load_file(str(directory / "model.safetensors")), load_config(directory))
+    return convert_checkpoint(load_file(str(directory / "model.safetensors")), config or load_config(directory))
 
 
 def load_tokenizer(directory: Optional[Path] = None, max_length: int = MAX_SEQ_LENGTH):
