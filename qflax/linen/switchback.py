@@ -8,7 +8,9 @@ Inference mode (bitsandbytes' ``prepare_for_eval``): :func:`prepare_for_eval` ad
 absmax ("weight_scale": ``(1,)`` global, ``(out,)`` vector-wise). A layer that finds them
 uses them instead of quantizing its kernel on every call. Unlike bitsandbytes, nothing is
 deleted: "params" stay as they were, so training can resume from the same variables (pass
-only ``{"params": ...}`` to train; the int8 copy is not updated by training).
+only ``{"params": ...}`` to train; the int8 copy is not updated by training). A layer makes
+its int8 copy whenever it is applied (not initialized) with "quantized" mutable, which is what
+:func:`prepare_for_eval` does; ``mutable=True`` therefore also prepares it.
 """
 
 from typing import Any, Callable, ClassVar, Optional

@@ -276,7 +276,8 @@ def switchback_matmul_prepared(
     """Inference-mode SwitchBack matmul with a weight quantized once (bitsandbytes' prepare_for_eval).
 
     Gives the same output as :func:`switchback_matmul` with the weight the codes came from.
-    It is meant for evaluation: the weight is frozen and no gradient reaches it.
+    It is for evaluation only: its gradients are zero (rounding), so train with
+    :func:`switchback_matmul`.
 
     Args:
       x: float ``(..., in_features)``.

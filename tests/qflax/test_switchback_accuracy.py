@@ -66,11 +66,11 @@ def _columnwise_int8(a):
 def _llm_int8_errors(weight, bias, x_np, torch_dtype, threshold, reference):
     """Errors of the LLM.int8 reference (bitsandbytes Linear8bitLt eval + numpy int8 weight gradient)."""
     layer = bnb.nn.Linear8bitLt(IN_FEATURES, OUT_FEATURES, has_fp16_weights=False, threshold=threshold)
-    w_t = torch.from_numpy(weight).to(torch_dtype)
+    w_t = torch.from_numpy(np.array(weight)).to(torch_dtype)
     layer.weight = bnb.nn.Int8Params(w_t, has_fp16_weights=False, requires_grad=False)
-    layer.bias = torch.nn.Parameter(torch.from_numpy(bias).to(torch_dtype))
+    layer.bias = torch.nn.Parameter(torch.from_numpy(np.array(bias)).to(torch_dtype))
     layer = layer.to("cpu").eval()  # quantizes the weight (int8 CB, SCB)
-    x_t = torch.from_numpy(x_np).to(torch_dtype).requires_grad_(True)
+    x_t = torch.from_numpy(np.array(x_np)).to(torch_dtype).requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "inputs will be cast to float16" for bf16/fp32
         out = layer(x_t)
@@ -127,6 +127,43 @@ def test_errors_within_twice_llm_int8(dtype_name, batch_shape):
             assert err < 2 * baseline[quantity], (name, quantity, err, baseline[quantity])
     # The comparison means something only if the int8 reference is measurably off.
     assert all(v > 0 for v in baselines[0.0].values()), baselines[0.0]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_bnb_variant_forward_and_input_grad_match_linear8bitlt(threshold):
+    """SwitchBackDenseBnb's forward and grad_x are bitsandbytes' LLM.int8 ones (fp16, fixed cotangent).
+
+    With outlier columns, bitsandbytes multiplies them with the int8-dequantized weight columns
+    while we use the float ones (SPEC §6.5 intends the fp16 weight): the expected output adds
+    that difference, ``x[:, idx] @ (W - dequant(CB))[:, idx].T``, to bitsandbytes' output.
+    """
+    rng = np.random.default_rng(3)
+    bound = 1 / np.sqrt(IN_FEATURES)
+    weight = rng.uniform(-bound, bound, (OUT_FEATURES, IN_FEATURES)).astype(np.float16)
+    bias = rng.uniform(-bound, bound, OUT_FEATURES).astype(np.float16)
+    x_np = rng.standard_normal((BATCH, IN_FEATURES)).astype(np.float16)
+    g_np = rng.standard_normal((BATCH, OUT_FEATURES)).astype(np.float16)
+
+    layer = bnb.nn.Linear8bitLt(IN_FEATURES, OUT_FEATURES, has_fp16_weights=False, threshold=threshold)
+    layer.weight = bnb.nn.Int8Params(torch.from_numpy(weight.copy()), has_fp16_weights=False, requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.from_numpy(bias.copy()))
+    layer = layer.to("cpu").eval()
+    x_t = torch.from_numpy(x_np.copy()).requires_grad_(True)
+    out_t = layer(x_t)
+    out_t.backward(torch.from_numpy(g_np.copy()))
+    expected = out_t.detach().float().numpy()
+    if threshold > 0:
+        idx = layer.state.idx.numpy()
+        assert 0 < len(idx) < IN_FEATURES
+        w_dequant = layer.state.CB.float().numpy() * layer.state.SCB.numpy()[:, None] / 127
+        expected = expected + x_np[:, idx].astype(np.float32) @ (weight.astype(np.float32) - w_dequant)[:, idx].T
+
+    module = SwitchBackDenseBnb(OUT_FEATURES, threshold=threshold)
+    params = {"kernel": jnp.asarray(weight.T), "bias": jnp.asarray(bias)}
+    out, vjp = jax.vjp(lambda x: module.apply({"params": params}, x), jnp.asarray(x_np))
+    (grad_x,) = vjp(jnp.asarray(g_np))
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(grad_x, np.float32), x_t.grad.float().numpy(), rtol=2e-3, atol=2e-3)
 
 
 if __name__ == "__main__":
