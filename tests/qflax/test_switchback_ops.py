@@ -204,3 +204,17 @@ def test_bad_inputs():
         ops.switchback_matmul_prepared(x, codes, scale, variant="vectorwise")
     with pytest.raises(ValueError, match="in_features"):
         ops.switchback_matmul_prepared(x[:, :5], codes, scale)
+
+
+def _residual_kinds(variant, x, w, b):
+    """(shape, dtype name) of the arrays the backward pass keeps (the vjp closure's leaves)."""
+    _, vjp = jax.vjp(_op(variant), x, w, b)
+    return {(tuple(a.shape), jnp.dtype(a.dtype).name) for a in jax.tree.leaves(vjp)}
+
+
+def test_mem_efficient_keeps_int8_activations_not_float():
+    x, w, b, _ = _data(lead=(2, 3), dtype=jnp.bfloat16)
+    saved = _residual_kinds("global_mem_efficient", x, w, b)
+    assert ((6, K), "int8") in saved and ((N, K), "int8") in saved
+    assert not any(shape in ((6, K), (2, 3, K)) and dtype != "int8" for shape, dtype in saved), saved
+    assert ((6, K), "bfloat16") in _residual_kinds("global", x, w, b)  # the plain variant keeps float X
