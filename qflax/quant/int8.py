@@ -70,8 +70,9 @@ def int8_vectorwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
     """Row-wise int8 quantization with optional outlier columns (bitsandbytes' int8_vectorwise_quant).
 
     With ``threshold > 0``, elements with ``|x| >= threshold`` are left out of their row's
-    absmax and quantized to 0; when there is more than one row, every column holding such
-    an element is zeroed entirely (those columns go through the float path instead).
+    absmax and quantized to 0; when there is more than one row, the codes of every column
+    holding such an element are zeroed entirely (those columns go through the float path
+    instead). The column's other values still count towards their rows' absmax.
 
     Args:
       x: float array; all leading dimensions are flattened into rows.
@@ -86,12 +87,13 @@ def int8_vectorwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     mask = outlier_mask(x2, threshold)
     if threshold > 0:
-        is_outlier = jnp.abs(x2) >= threshold
-        x2 = jnp.where(is_outlier, jnp.float32(0), x2)
-        if x2.shape[0] > 1:
-            x2 = jnp.where(mask[None, :], jnp.float32(0), x2)
+        x2 = jnp.where(jnp.abs(x2) >= threshold, jnp.float32(0), x2)
+    # The row absmax leaves out only the outlier elements themselves: the other values of an
+    # outlier column still count, as in bitsandbytes, and the column is zeroed after rounding.
     row_stats = jnp.max(jnp.abs(x2), axis=1)
     codes = round_to_int8(x2 * scale_factor(row_stats)[:, None])
+    if threshold > 0 and x2.shape[0] > 1:
+        codes = jnp.where(mask[None, :], jnp.int8(0), codes)
     return codes, row_stats, mask
 
 
