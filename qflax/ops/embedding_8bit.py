@@ -13,7 +13,7 @@ import numpy as np
 
 from qflax.ops import dispatch
 from qflax.quant import validation
-from qflax.quant.int8 import Int8Rows
+from qflax.quant.int8 import INV_127, Int8Rows
 
 OP_NAME = "embed_8bit"
 
@@ -73,6 +73,7 @@ def embed_8bit(ids: jax.Array, w: Int8Rows, dtype=None, backend: Optional[str] =
     dispatch.choose(OP_NAME, backend, kernel_supports=False)
     rows = jnp.take(w.codes, ids, axis=0, mode="fill", fill_value=0)
     scale = jnp.take(w.scale, ids, axis=0, mode="fill", fill_value=np.nan)
-    # absmax / 127 as bitsandbytes computes it, so its outputs are reproduced bit for bit.
-    out = rows.astype(jnp.float32) * (scale / jnp.float32(127))[..., None]
+    # bitsandbytes divides by 127; XLA turns a division by a constant into a multiplication by
+    # its reciprocal anyway, so results may differ from bitsandbytes' by one float32 ulp.
+    out = rows.astype(jnp.float32) * (scale * INV_127)[..., None]
     return out.astype(out_dtype)
