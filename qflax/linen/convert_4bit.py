@@ -113,17 +113,17 @@ def quantize_params_4bit(
     total = sum(int(np.prod(value.shape)) for _, _, value in jobs)
     show = total >= PROGRESS_MIN_WEIGHTS if progress is None else progress
     quantized: dict = {}
-    for path, name, value in tqdm(jobs, desc="quantizing to 4 bits", unit="layer", disable=not show, file=sys.stderr):
+    bar = tqdm(jobs, desc="quantizing to 4 bits", unit="layer", disable=not show, file=sys.stderr)
+    for path, name, value in bar:
         where = "/".join(str(p) for p in path + (name,))
         value = validation.check_float_array(value, f"params/{where}")
         if not bool(jnp.all(jnp.isfinite(value))):
             raise ValueError(f"params/{where} contains NaN or Inf; quantization needs finite values")
         if _FLOAT_KINDS[name] == "dense":
-            q = _quantize_jit(value.T, blocksize=blocksize, quant_type=quant_type, compress_statistics=compress_statistics)
+            value, nested = value.T, compress_statistics  # Flax (in, out) -> bitsandbytes (out, in)
         else:
-            q = _quantize_jit(
-                value, blocksize=blocksize, quant_type=quant_type, compress_statistics=embed_compress_statistics
-            )
+            nested = embed_compress_statistics
+        q = _quantize_jit(value, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
         _set(quantized, path + ("weight",), q)
     return {"params": kept, QUANTIZED: quantized}
 
@@ -135,7 +135,7 @@ def _read_source(source: Union[str, os.PathLike, Mapping]) -> Mapping:
         try:
             from safetensors.flax import load_file  # keeps bfloat16 tensors (numpy has no bfloat16)
         except ImportError as err:
-            raise ImportError("loading a .safetensors file needs the safetensors package: pip install safetensors") from err
+            raise ImportError("reading .safetensors files needs: pip install safetensors") from err
         return load_file(os.fspath(source))
     raise TypeError(f"source must be a state dict (mapping) or a .safetensors path, got {type(source).__name__}")
 
@@ -207,7 +207,8 @@ def to_bnb_4bit_state_dict(variables: Mapping, *, rename: Optional[Callable[[str
     """
     if QUANTIZED not in variables:
         raise KeyError(f"variables has no {QUANTIZED!r} collection, got {list(variables)}")
-    leaves = jax.tree_util.tree_flatten_with_path(variables[QUANTIZED], is_leaf=lambda x: isinstance(x, Packed4bit))[0]
+    is_weight = lambda x: isinstance(x, Packed4bit)  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(variables[QUANTIZED], is_leaf=is_weight)[0]
     params = variables.get("params", {})
     out: dict = {}
     for key_path, q in leaves:
@@ -215,7 +216,8 @@ def to_bnb_4bit_state_dict(variables: Mapping, *, rename: Optional[Callable[[str
             continue
         names = tuple(str(getattr(k, "key", k)) for k in key_path)
         if q.packed.shape != ((q.size + 1) // 2, 1):
-            raise ValueError(f"quantized/{'/'.join(names)}: packed data {q.packed.shape} does not match shape {q.shape}")
+            where = "/".join(names)
+            raise ValueError(f"quantized/{where}: packed data {q.packed.shape} does not match shape {q.shape}")
         module_path, leaf = names[:-1], names[-1]
         dotted = ".".join(module_path)
         module_prefix = rename(dotted) if rename is not None else dotted
@@ -229,11 +231,13 @@ def to_bnb_4bit_state_dict(variables: Mapping, *, rename: Optional[Callable[[str
     return out
 
 
-def save_bnb_4bit(path: Union[str, os.PathLike], variables: Mapping, *, rename: Optional[Callable[[str], str]] = None) -> None:
+def save_bnb_4bit(
+    path: Union[str, os.PathLike], variables: Mapping, *, rename: Optional[Callable[[str], str]] = None
+) -> None:
     """Writes :func:`to_bnb_4bit_state_dict` to a ``.safetensors`` file (needs the safetensors package)."""
     try:
         from safetensors.flax import save_file
     except ImportError as err:
-        raise ImportError("saving a .safetensors file needs the safetensors package: pip install safetensors") from err
+        raise ImportError("writing .safetensors files needs: pip install safetensors") from err
     state = to_bnb_4bit_state_dict(variables, rename=rename)
     save_file({k: jnp.asarray(v) for k, v in state.items()}, os.fspath(path))
