@@ -67,8 +67,8 @@ def embed_4bit(ids: jax.Array, q: Packed4bit, backend: Optional[str] = None) -> 
         raise TypeError(f"ids must be an integer array, got dtype {ids_dtype.name}")
     ids = jnp.asarray(ids)
     path = dispatch.choose(OP_NAME, backend, kernel_supports=_kernel_supports(ids, q))
-    if path != "xla":  # KERNEL HOOK: where a GPU lookup kernel would be launched.
-        raise NotImplementedError(f"{OP_NAME}: no {path!r} kernel is implemented yet")
+    if path == "triton":  # KERNEL HOOK: a GPU lookup kernel would launch here (none exists: unreachable).
+        raise NotImplementedError(f"{OP_NAME}: the Triton kernel is not implemented yet")
 
     num_embeddings, features = q.shape
     in_range = (ids >= 0) & (ids < num_embeddings)

@@ -56,16 +56,6 @@ def _kernel_supports(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
     return False
 
 
-def _check_path(path: str, op: str) -> None:
-    """KERNEL HOOK (issue 7): where the ``qflax_kernels`` launch for ``op`` plugs in.
-
-    ``dispatch.choose`` returns "triton" only after ``_kernel_supports`` said True, which it
-    does not until the kernel exists.
-    """
-    if path != "xla":
-        raise NotImplementedError(f"{op}: no {path!r} kernel is implemented yet")
-
-
 def _forward_product(x: jax.Array, q: Packed4bit, bias: Optional[jax.Array], compute_dtype: str) -> jax.Array:
     """XLA reference: dequantize, then one dot in the compute dtype, bias added in that dtype."""
     xc = x.astype(compute_dtype)
@@ -86,7 +76,10 @@ def _grad_input_product(g: jax.Array, q: Packed4bit, compute_dtype: str) -> jax.
 
 def _matmul_impl(x, q, bias, compute_dtype, requested_backend):
     path = dispatch.choose(OP_NAME, requested_backend, kernel_supports=_kernel_supports(x, q, compute_dtype))
-    _check_path(path, OP_NAME)
+    if path == "triton":
+        # KERNEL HOOK (issue 7): launch qflax_kernels' fused dequantize-matmul here. Unreachable
+        # until then: _kernel_supports is False, so dispatch never picks "triton".
+        raise NotImplementedError(f"{OP_NAME}: the Triton kernel is not implemented yet")
     return _forward_product(x, q, bias, compute_dtype)
 
 
@@ -103,7 +96,9 @@ def _matmul_bwd(compute_dtype, requested_backend, residuals, g):
     path = dispatch.choose(
         GRAD_INPUT_OP_NAME, requested_backend, kernel_supports=_kernel_supports(g, q, compute_dtype)
     )
-    _check_path(path, GRAD_INPUT_OP_NAME)
+    if path == "triton":
+        # KERNEL HOOK (issue 7): launch the fused G @ W kernel here (unreachable until it exists).
+        raise NotImplementedError(f"{GRAD_INPUT_OP_NAME}: the Triton kernel is not implemented yet")
     grad_x = _grad_input_product(g, q, compute_dtype).astype(g.dtype)  # g has x's dtype
     grad_bias = None
     if bias is not None:

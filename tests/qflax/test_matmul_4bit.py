@@ -138,6 +138,10 @@ def test_quantized_weight_gets_zero_cotangent():
     for leaf in jax.tree_util.tree_leaves(grads):
         if leaf.dtype != jax.dtypes.float0:
             assert not np.any(np.asarray(leaf))
+    # Without a bias the input gradient is still G @ W.
+    grad_x = jax.jit(jax.grad(lambda xx: jnp.sum(matmul_4bit(xx, q))))(x)
+    w = np.asarray(dequantize_4bit(q))
+    np.testing.assert_allclose(np.asarray(grad_x), np.tile(w.sum(0), (2, 1)), rtol=1e-5, atol=1e-5)
 
 
 def test_dispatch_records_xla_for_forward_and_input_gradient():

@@ -64,3 +64,28 @@ def test_qlora_training_reduces_loss_tenfold_and_leaves_packed_weights_bit_ident
     for before, after in zip(frozen_before, jax.tree_util.tree_leaves(variables["quantized"])):
         assert before.dtype == np.asarray(after).dtype
         np.testing.assert_array_equal(np.asarray(after), before)
+
+
+def test_readme_recipe_adds_fresh_adapters_to_converted_weights():
+    from flax import traverse_util as tu
+
+    from qflax.linen import DenseNF4, quantize_params_4bit
+
+    class Net(nn.Module):
+        dense: type = nn.Dense
+
+        @nn.compact
+        def __call__(self, x):
+            return self.dense(8, name="out")(nn.relu(self.dense(64, name="hidden")(x)))
+
+    x = jax.random.normal(jax.random.key(0), (4, 32))
+    loaded = quantize_params_4bit(jax.jit(Net().init)(jax.random.key(1), x)["params"])
+    lora_model = Net(dense=lambda features, name: LoRADense4bit(features, lora_rank=4, name=name))
+    fresh = jax.jit(lora_model.init)(jax.random.key(2), x)
+    params = tu.unflatten_dict({**tu.flatten_dict(fresh["params"]), **tu.flatten_dict(loaded["params"])})
+    variables = {"params": params, "quantized": loaded["quantized"]}
+    assert set(params["hidden"]) == {"bias", "lora_a", "lora_b"}
+    # lora_b starts at zero: the adapted model equals the plain 4-bit model until trained.
+    y_lora = jax.jit(lora_model.apply)(variables, x)
+    y_base = jax.jit(Net(dense=DenseNF4).apply)(loaded, x)
+    np.testing.assert_allclose(np.asarray(y_lora), np.asarray(y_base), rtol=1e-6, atol=1e-6)
