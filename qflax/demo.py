@@ -205,8 +205,9 @@ def run_demo(num_sentences: Optional[int] = None, int8_threshold: float = INT8_T
     sentences = SENTENCES[:num_sentences] if num_sentences else SENTENCES
     rows = demo_rows(sentences, int8_threshold=int8_threshold)
     device = jax.devices()[0]
+    kind = "" if device.device_kind == device.platform else f" ({device.device_kind})"
     header = (
         f"qflax demo: all-MiniLM-L6-v2 (6 layers, 36 dense matrices quantized), {rows[0]['batch']} sentences "
-        f"x {rows[0]['tokens']} tokens per batch, on {device.platform} ({device.device_kind})"
+        f"x {rows[0]['tokens']} tokens per batch, on {device.platform}{kind}"
     )
     return header + "\n" + format_table(rows)

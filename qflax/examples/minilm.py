@@ -112,11 +112,14 @@ class MiniLM(nn.Module):
       config: the encoder's shape (all-MiniLM-L6-v2's by default).
       dense: factory of the dense projections, called as ``dense(features, name=...)``; ``nn.Dense`` (the
         default) for float, or a qflax quantized layer such as ``qflax.linen.DenseNF4``.
+      embed: factory of the three embedding tables, called as ``embed(num_embeddings, features, name=...)``;
+        ``nn.Embed`` (the default) or e.g. ``qflax.linen.EmbedNF4``.
       normalize: L2-normalize the pooled embedding (sentence-transformers' ``Normalize`` module).
     """
 
     config: MiniLMConfig = MiniLMConfig()
     dense: Callable[..., nn.Module] = nn.Dense
+    embed: Callable[..., nn.Module] = nn.Embed
     normalize: bool = True
 
     @nn.compact
@@ -132,12 +135,12 @@ class MiniLM(nn.Module):
         """
         cfg = self.config
         length = input_ids.shape[1]
-        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(input_ids)
-        positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings")(
+        words = self.embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(input_ids)
+        positions = self.embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings")(
             jnp.arange(length)
         )
         # Single-segment input: every token has type 0.
-        types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(
+        types = self.embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings")(
             jnp.zeros_like(input_ids)
         )
         hidden = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="embeddings_norm")(words + positions + types)
