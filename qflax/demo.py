@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from qflax import linen as qnn
 from qflax.examples import minilm
 from qflax.examples.sentences import SENTENCES
 
@@ -46,15 +47,12 @@ class QuantizedMiniLM:
             for collection in self.variables.values()
             for i in range(self.model.config.num_hidden_layers)
             for dense in collection.get(f"layer_{i}", {})
-            if dense in _DENSE_NAMES
+            if dense in minilm.DENSE_NAMES
         )
 
     def total_bytes(self) -> int:
         """Bytes of every variable of the model (embedding tables and LayerNorms included)."""
         return _tree_bytes(self.variables)
-
-
-_DENSE_NAMES = ("query", "key", "value", "attention_out", "intermediate", "output")
 
 
 def _tree_bytes(tree) -> int:
@@ -76,7 +74,7 @@ def quantize_minilm(
         ``bitsandbytes.nn.LinearNF4``/``LinearFP4``) or "int8" (LLM.int8, ``Dense8bitLt``).
       config: the encoder's shape (default: all-MiniLM-L6-v2's).
       int8_threshold: outlier threshold of the int8 format (0 disables outlier columns).
-      progress: show a progress bar over the dense layers while quantizing.
+      progress: show a progress bar over the encoder layers while quantizing.
 
     Returns:
       A :class:`QuantizedMiniLM`.
@@ -89,8 +87,6 @@ def quantize_minilm(
     config = config or minilm.MiniLMConfig()
     if fmt == "float32":
         return QuantizedMiniLM(fmt, minilm.MiniLM(config), {"params": params})
-    from qflax import linen as qnn
-
     if fmt == "int8":
         dense_factory = functools.partial(qnn.Dense8bitLt, threshold=int8_threshold)
         quantize_layer = qnn.quantize_dense_params

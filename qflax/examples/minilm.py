@@ -33,6 +33,8 @@ _LAYER_DENSE_NAMES = {
     "intermediate": "intermediate.dense",
     "output": "output.dense",
 }
+# The Flax names of the dense projections of each encoder layer.
+DENSE_NAMES = tuple(_LAYER_DENSE_NAMES)
 _LAYER_NORM_NAMES = {"attention_norm": "attention.output.LayerNorm", "output_norm": "output.LayerNorm"}
 # sentence-transformers encodes at most this many tokens per sentence (sentence_bert_config.json).
 MAX_SEQ_LENGTH = 256
