@@ -148,3 +148,11 @@ def test_whole_model_in_nf4_through_the_embed_factory(float_params, tokenizer):
     float_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(float_params))
     nf4_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(variables))
     assert nf4_bytes <= 0.15 * float_bytes
+
+
+def test_cli_demo_prints_the_table(capsys):
+    assert cli.main(["demo", "--sentences", "3", "--int8-threshold", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("qflax demo: all-MiniLM-L6-v2") and "3 sentences" in out[0]
+    assert [line.split()[0] for line in out[3:]] == ["float32", "nf4", "fp4", "int8"]
+    assert "(threshold 0)" in out[6]
