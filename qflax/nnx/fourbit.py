@@ -1,0 +1,205 @@
+"""4-bit NF4/FP4 layers as NNX modules: Dense4bit, DenseNF4, DenseFP4, Embed4bit, EmbedNF4, EmbedFP4.
+
+NNX twins of the Linen modules (SPEC §6.1, §6.10): same arguments (``in_features``/
+``out_features`` in place of Linen's ``features``, plus ``rngs``), same variable names, same
+ops (:func:`qflax.ops.matmul_4bit`, :func:`qflax.ops.embed_4bit`). The frozen weight is a
+:class:`~qflax.quant.Packed4bit` in bitsandbytes' ``(out, in)`` layout inside a
+:class:`~qflax.nnx.QuantizedWeight` named "weight"; the bias is an ``nnx.Param``, so QLoRA
+trains adapters (and optionally the bias) with ``nnx.Optimizer(model, tx, wrt=...)`` while
+the packed bytes never change.
+"""
+
+from typing import Any, Callable, ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qflax import ops
+from qflax.nnx.variables import QuantizedWeight
+from qflax.quant import fourbit
+
+Initializer = Callable[..., jax.Array]
+
+
+class Dense4bit(nnx.Module):
+    """A dense layer ``y = x @ W.T + bias`` with a frozen 4-bit weight (bitsandbytes' Linear4bit).
+
+    Args:
+      in_features: input features.
+      out_features: output features.
+      quant_type: "nf4" or "fp4".
+      blocksize: elements per absmax block (32 ... 4096).
+      compress_statistics: double-quantize the absmax statistics (bitsandbytes' default).
+      compute_dtype: dtype of the dequantized weight and of the product; None computes in
+        the input's dtype. The output always has the input's dtype.
+      use_bias: whether to add a (trainable) bias.
+      param_dtype: dtype of the float kernel before quantization (the dequantized weight's
+        dtype) and of the bias.
+      kernel_init: initializer of the ``(in, out)`` float kernel quantized at construction.
+      bias_init: initializer of the bias.
+      backend: "auto", "xla", "triton" or None (see :mod:`qflax.ops.dispatch`).
+      rngs: the ``nnx.Rngs`` the parameters are drawn from.
+
+    Example:
+      >>> layer = DenseNF4(4096, 4096, rngs=nnx.Rngs(0))
+      >>> y = layer(x)
+    """
+
+    fixed_quant_type: ClassVar[Optional[str]] = None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        compress_statistics: bool = True,
+        compute_dtype: Optional[Any] = None,
+        use_bias: bool = True,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Initializer = nnx.initializers.lecun_normal(),
+        bias_init: Initializer = nnx.initializers.zeros_init(),
+        backend: Optional[str] = None,
+        rngs: nnx.Rngs,
+    ):
+        if self.fixed_quant_type is not None and quant_type != self.fixed_quant_type:
+            raise ValueError(f"{type(self).__name__} fixes quant_type={self.fixed_quant_type!r}; got {quant_type!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.compress_statistics = compress_statistics
+        self.compute_dtype = compute_dtype
+        self.use_bias = use_bias
+        self.backend = backend
+        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        self.weight = QuantizedWeight(fourbit.quantize_4bit(kernel.T, blocksize, quant_type, compress_statistics))
+        self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, **options) -> "Dense4bit":
+        """A 4-bit layer holding the quantized weights of a float ``nnx.Linear``.
+
+        Args:
+          linear: the float layer.
+          **options: quant_type, blocksize, compress_statistics, compute_dtype, backend.
+        """
+        kernel = linear.kernel[...]
+        bias = None if linear.bias is None else linear.bias[...]
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            use_bias=bias is not None,
+            param_dtype=kernel.dtype,
+            kernel_init=lambda *_: kernel,
+            bias_init=lambda *_: bias,
+            rngs=nnx.Rngs(0),
+            **options,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the layer to ``x (..., in)``; returns ``(..., out)`` in ``x``'s dtype."""
+        bias = None if self.bias is None else self.bias[...]
+        return ops.matmul_4bit(x, self.weight.get_value(), bias, compute_dtype=self.compute_dtype, backend=self.backend)
+
+
+class DenseNF4(Dense4bit):
+    """:class:`Dense4bit` with ``quant_type="nf4"`` (bitsandbytes' LinearNF4)."""
+
+    fixed_quant_type: ClassVar[Optional[str]] = "nf4"
+
+    def __init__(self, in_features: int, out_features: int, *, quant_type: str = "nf4", **kwargs):
+        super().__init__(in_features, out_features, quant_type=quant_type, **kwargs)
+
+
+class DenseFP4(Dense4bit):
+    """:class:`Dense4bit` with ``quant_type="fp4"`` (bitsandbytes' LinearFP4)."""
+
+    fixed_quant_type: ClassVar[Optional[str]] = "fp4"
+
+    def __init__(self, in_features: int, out_features: int, *, quant_type: str = "fp4", **kwargs):
+        super().__init__(in_features, out_features, quant_type=quant_type, **kwargs)
+
+
+class Embed4bit(nnx.Module):
+    """An embedding table stored in 4 bits (bitsandbytes' Embedding4bit).
+
+    Lookups dequantize only the gathered rows when ``features % blocksize == 0``, otherwise
+    the whole table (see :func:`qflax.ops.embed_4bit`).
+
+    Args:
+      num_embeddings: number of rows.
+      features: embedding size.
+      quant_type: "nf4" or "fp4".
+      blocksize: elements per absmax block.
+      param_dtype: dtype of the float table before quantization (and of the output).
+      embedding_init: initializer of the float table quantized at construction.
+      backend: "auto", "xla", "triton" or None.
+      rngs: the ``nnx.Rngs`` the table is drawn from.
+    """
+
+    fixed_quant_type: ClassVar[Optional[str]] = None
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        param_dtype: Any = jnp.float32,
+        embedding_init: Initializer = nnx.initializers.normal(stddev=1.0),
+        backend: Optional[str] = None,
+        rngs: nnx.Rngs,
+    ):
+        if self.fixed_quant_type is not None and quant_type != self.fixed_quant_type:
+            raise ValueError(f"{type(self).__name__} fixes quant_type={self.fixed_quant_type!r}; got {quant_type!r}")
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.backend = backend
+        table = embedding_init(rngs.params(), (num_embeddings, features), param_dtype)
+        self.weight = QuantizedWeight(fourbit.quantize_4bit(table, blocksize, quant_type, False))
+
+    @classmethod
+    def from_embed(cls, embed: nnx.Embed, **options) -> "Embed4bit":
+        """A 4-bit table holding the quantization of a float ``nnx.Embed`` table.
+
+        Args:
+          embed: the float layer.
+          **options: quant_type, blocksize, backend.
+        """
+        table = embed.embedding[...]
+        return cls(
+            embed.num_embeddings,
+            embed.features,
+            param_dtype=table.dtype,
+            embedding_init=lambda *_: table,
+            rngs=nnx.Rngs(0),
+            **options,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """Looks up integer ``ids`` (any shape); returns ``(*ids.shape, features)`` in the table dtype."""
+        return ops.embed_4bit(ids, self.weight.get_value(), backend=self.backend)
+
+
+class EmbedNF4(Embed4bit):
+    """:class:`Embed4bit` with ``quant_type="nf4"`` (bitsandbytes' EmbeddingNF4)."""
+
+    fixed_quant_type: ClassVar[Optional[str]] = "nf4"
+
+    def __init__(self, num_embeddings: int, features: int, *, quant_type: str = "nf4", **kwargs):
+        super().__init__(num_embeddings, features, quant_type=quant_type, **kwargs)
+
+
+class EmbedFP4(Embed4bit):
+    """:class:`Embed4bit` with ``quant_type="fp4"`` (bitsandbytes' EmbeddingFP4)."""
+
+    fixed_quant_type: ClassVar[Optional[str]] = "fp4"
+
+    def __init__(self, num_embeddings: int, features: int, *, quant_type: str = "fp4", **kwargs):
+        super().__init__(num_embeddings, features, quant_type=quant_type, **kwargs)
