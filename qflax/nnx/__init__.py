@@ -15,6 +15,12 @@ from qflax.nnx.convert import quantize_model
 from qflax.nnx.embedding import Embed, StableEmbed, optim_32bit_filter
 from qflax.nnx.fourbit import Dense4bit, DenseFP4, DenseNF4, Embed4bit, EmbedFP4, EmbedNF4
 from qflax.nnx.int8 import Dense8bitLt, Embed8bit
+from qflax.nnx.outlier_aware import (
+    OutlierAwareDense,
+    OutlierDims,
+    find_outlier_dims,
+    quantize_outlier_aware,
+)
 from qflax.nnx.linen_interop import from_linen_variables, to_linen_variables
 from qflax.nnx.switchback import (
     StandardDense,
@@ -37,6 +43,8 @@ __all__ = [
     "Embed8bit",
     "EmbedFP4",
     "EmbedNF4",
+    "OutlierAwareDense",
+    "OutlierDims",
     "QuantizedWeight",
     "StableEmbed",
     "StandardDense",
@@ -45,11 +53,13 @@ __all__ = [
     "SwitchBackDenseGlobal",
     "SwitchBackDenseGlobalMemEfficient",
     "SwitchBackDenseVectorwise",
+    "find_outlier_dims",
     "from_linen_variables",
     "load_bnb_state_dict",
     "optim_32bit_filter",
     "prepare_for_eval",
     "quantize_model",
+    "quantize_outlier_aware",
     "restore_checkpoint",
     "save_checkpoint",
     "to_bnb_state_dict",

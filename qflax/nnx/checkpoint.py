@@ -20,8 +20,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from qflax import bnb_format
-from qflax.nnx.fourbit import Dense4bit, Embed4bit
-from qflax.nnx.int8 import Dense8bitLt, Embed8bit
+from qflax.nnx.outlier_aware import OutlierDims
+from qflax.nnx.switchback import SwitchBackDense
 from qflax.quant.fourbit import Packed4bit
 from qflax.quant.int8 import Int8Rows
 
@@ -64,43 +64,64 @@ def _transposed(value: Any) -> np.ndarray:
 
 
 def _torch_key(module: nnx.Module, name: str) -> str:
-    """The torch name of a float variable of ``module`` (the variable's own name otherwise)."""
+    """The torch name of an array variable of ``module`` (the variable's own name otherwise)."""
     if name in ("kernel", "embedding"):
         return "weight"
     if isinstance(module, nnx.LayerNorm) and name == "scale":
         return "weight"
-    if name == "weight_scale":  # SwitchBack's prepared weight: bitsandbytes' W_int8 / state_W buffers
-        return "state_W"
-    if name == "weight" and not isinstance(module, (Dense4bit, Embed4bit, Dense8bitLt, Embed8bit)):
-        return "W_int8"
+    if isinstance(module, SwitchBackDense) and name in ("weight", "weight_scale"):
+        # The prepared int8 weight: bitsandbytes' SwitchBackLinear buffers after prepare_for_eval.
+        return {"weight": "W_int8", "weight_scale": "state_W"}[name]
     return name
+
+
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _leaf_keys(value: Any, key: str) -> list[str]:
+    """Keys of the leaves of a pytree variable without a bitsandbytes format: ``key.<field path>``."""
+    paths = jax.tree_util.tree_flatten_with_path(value)[0]
+    return [key + "".join(f".{getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k)))}" for k in p) for p, _ in paths]
 
 
 def _export(module: nnx.Module, name: str, value: Any, prefix: str) -> dict[str, np.ndarray]:
     if isinstance(value, Packed4bit):
-        return bnb_format.to_bnb_state_dict(value, f"{prefix}weight")
-    if isinstance(value, Int8Rows):
+        return bnb_format.to_bnb_state_dict(value, f"{prefix}{name}")
+    if isinstance(value, Int8Rows) and name == "weight":
         return bnb_format.to_bnb_int8_state_dict(value, prefix)
     key = prefix + _torch_key(module, name)
-    # Flax kernels are (in, out); torch's Linear weight is (out, in).
-    return {key: _transposed(value) if name == "kernel" else np.asarray(value)}
+    if _is_array(value):
+        # Flax kernels are (in, out); torch's Linear weight is (out, in).
+        return {key: _transposed(value) if name == "kernel" else np.asarray(value)}
+    return {k: np.asarray(leaf) for k, leaf in zip(_leaf_keys(value, key), jax.tree.leaves(value))}
 
 
-def _import(module: nnx.Module, name: str, template: Any, d: Mapping[str, Any], prefix: str) -> Any:
+def _read(d: Mapping[str, Any], key: str) -> np.ndarray:
+    if key not in d:
+        raise KeyError(f"state dict is missing the key {key!r}")
+    return bnb_format.to_numpy(d[key])
+
+
+def _import(module: nnx.Module, name: str, variable: nnx.Variable, d: Mapping[str, Any], prefix: str) -> Any:
+    template = variable.get_value()
+    key = prefix + _torch_key(module, name)
     if isinstance(template, Packed4bit):
-        value = bnb_format.from_bnb_state_dict(d, f"{prefix}weight")
-    elif isinstance(template, Int8Rows):
+        value = bnb_format.from_bnb_state_dict(d, f"{prefix}{name}")
+    elif isinstance(template, Int8Rows) and name == "weight":
         value = bnb_format.from_bnb_int8_state_dict(d, prefix)
+    elif _is_array(template):
+        value = _transposed(_read(d, key)) if name == "kernel" else _read(d, key)
     else:
-        key = prefix + _torch_key(module, name)
-        if key not in d:
-            raise KeyError(f"state dict is missing the key {key!r}")
-        value = bnb_format.to_numpy(d[key])
-        value = _transposed(value) if name == "kernel" else value
-    if _structure(template) != _structure(value):
+        leaves = [_read(d, k) for k in _leaf_keys(template, key)]
+        value = jax.tree.unflatten(jax.tree.structure(template), leaves)
+    want, got = _structure(template), _structure(value)
+    if isinstance(variable, OutlierDims):  # the number of outlier dims is data, not structure
+        want, got = (want[0], [len(s) for s in want[1]]), (got[0], [len(s) for s in got[1]])
+    if want != got:
         raise ValueError(
-            f"state dict entry {prefix}{_torch_key(module, name)} does not fit the model's {type(module).__name__} "
-            f"variable {name!r}: expected {_describe(template)}, got {_describe(value)}"
+            f"state dict entry {key} does not fit the model's {type(module).__name__} variable {name!r}: "
+            f"expected {_describe(template)}, got {_describe(value)}"
         )
     return jax.tree.map(jax.numpy.asarray, value)
 
@@ -115,7 +136,9 @@ def _describe(value: Any) -> str:
         return f"{value.quant_type} shape {value.shape} blocksize {value.blocksize} nested={value.nested}"
     if isinstance(value, Int8Rows):
         return f"int8 {tuple(value.codes.shape)}"
-    return f"{np.dtype(value.dtype).name} {tuple(value.shape)}"
+    if _is_array(value):
+        return f"{np.dtype(value.dtype).name} {tuple(value.shape)}"
+    return str(jax.tree.map(lambda a: f"{np.dtype(a.dtype).name} {tuple(a.shape)}", value))
 
 
 def _variables_by_module(model: nnx.Module, visit: Callable[[nnx.Module, str, nnx.Variable, str], None]) -> None:
@@ -174,7 +197,7 @@ def load_bnb_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx
     loaded = []
 
     def visit(module, name, variable, prefix):
-        loaded.append((variable, _import(module, name, variable.get_value(), state_dict, prefix)))
+        loaded.append((variable, _import(module, name, variable, state_dict, prefix)))
 
     _variables_by_module(model, visit)
     for variable, value in loaded:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qflax import ops
+from qflax.linen.dense_4bit import check_layer_config, check_loaded_weight
+from qflax.linen.warn_once import warn_once_per_weight
 from qflax.nnx.variables import QuantizedWeight
 from qflax.quant import fourbit
 
@@ -66,6 +68,7 @@ class Dense4bit(nnx.Module):
     ):
         if self.fixed_quant_type is not None and quant_type != self.fixed_quant_type:
             raise ValueError(f"{type(self).__name__} fixes quant_type={self.fixed_quant_type!r}; got {quant_type!r}")
+        check_layer_config(type(self).__name__, quant_type, blocksize)
         self.in_features = in_features
         self.out_features = out_features
         self.quant_type = quant_type
@@ -100,9 +103,31 @@ class Dense4bit(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Applies the layer to ``x (..., in)``; returns ``(..., out)`` in ``x``'s dtype."""
+        """Applies the layer to ``x (..., in)``; returns ``(..., out)`` in ``x``'s dtype.
+
+        A float16 input with ``compute_dtype=None`` warns once per layer, as bitsandbytes does.
+
+        Raises:
+          TypeError: non-float ``x``.
+          ValueError: ``x`` has another number of features than the weight, or the stored
+            weight's shape/quant_type/blocksize differs from the layer's.
+        """
+        owner = type(self).__name__
+        q = check_loaded_weight(
+            owner, self.weight.get_value(), (self.out_features, self.in_features), self.quant_type, self.blocksize
+        )
         bias = None if self.bias is None else self.bias[...]
-        return ops.matmul_4bit(x, self.weight.get_value(), bias, compute_dtype=self.compute_dtype, backend=self.backend)
+        x_dtype = getattr(x, "dtype", None)
+        if self.compute_dtype is None and x_dtype == jnp.float16 and x.ndim > 0:
+            rows = "inference." if x.size == x.shape[-1] else "inference or training speed."
+            warn_once_per_weight(
+                q.packed,
+                f"Input type into {owner} is float16, but compute_dtype is not set (bitsandbytes' "
+                f"bnb_4bit_compute_dtype default is float32); pass compute_dtype explicitly. "
+                f"This will lead to slow {rows}",
+                stacklevel=3,
+            )
+        return ops.matmul_4bit(x, q, bias, compute_dtype=self.compute_dtype, backend=self.backend)
 
 
 class DenseNF4(Dense4bit):
@@ -133,9 +158,11 @@ class Embed4bit(nnx.Module):
       num_embeddings: number of rows.
       features: embedding size.
       quant_type: "nf4" or "fp4".
-      blocksize: elements per absmax block.
+      blocksize: elements per absmax block (bitsandbytes uses 64).
+      compress_statistics: double-quantize the absmax (bitsandbytes' Embedding4bit does not).
       param_dtype: dtype of the float table before quantization (and of the output).
-      embedding_init: initializer of the float table quantized at construction.
+      embedding_init: initializer of the float table quantized at construction (Flax's
+        ``nn.Embed`` default, unit variance per row).
       backend: "auto", "xla", "triton" or None.
       rngs: the ``nnx.Rngs`` the table is drawn from.
     """
@@ -149,20 +176,27 @@ class Embed4bit(nnx.Module):
         *,
         quant_type: str = "nf4",
         blocksize: int = 64,
+        compress_statistics: bool = False,
         param_dtype: Any = jnp.float32,
-        embedding_init: Initializer = nnx.initializers.normal(stddev=1.0),
+        embedding_init: Initializer = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
         backend: Optional[str] = None,
         rngs: nnx.Rngs,
     ):
         if self.fixed_quant_type is not None and quant_type != self.fixed_quant_type:
             raise ValueError(f"{type(self).__name__} fixes quant_type={self.fixed_quant_type!r}; got {quant_type!r}")
+        owner = type(self).__name__
+        check_layer_config(owner, quant_type, blocksize)
+        for name, value in (("num_embeddings", num_embeddings), ("features", features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
         self.num_embeddings = num_embeddings
         self.features = features
         self.quant_type = quant_type
         self.blocksize = blocksize
+        self.compress_statistics = compress_statistics
         self.backend = backend
         table = embedding_init(rngs.params(), (num_embeddings, features), param_dtype)
-        self.weight = QuantizedWeight(fourbit.quantize_4bit(table, blocksize, quant_type, False))
+        self.weight = QuantizedWeight(fourbit.quantize_4bit(table, blocksize, quant_type, compress_statistics))
 
     @classmethod
     def from_embed(cls, embed: nnx.Embed, **options) -> "Embed4bit":
@@ -170,7 +204,7 @@ class Embed4bit(nnx.Module):
 
         Args:
           embed: the float layer.
-          **options: quant_type, blocksize, backend.
+          **options: quant_type, blocksize, compress_statistics, backend.
         """
         table = embed.embedding[...]
         return cls(
@@ -182,9 +216,45 @@ class Embed4bit(nnx.Module):
             **options,
         )
 
+    def table(self) -> fourbit.Packed4bit:
+        """The stored table, checked against the layer's settings (warns once if rows straddle blocks)."""
+        q = check_loaded_weight(
+            type(self).__name__,
+            self.weight.get_value(),
+            (self.num_embeddings, self.features),
+            self.quant_type,
+            self.blocksize,
+        )
+        if self.features % self.blocksize != 0:
+            warn_once_per_weight(
+                q.packed,
+                f"Embedding size {self.features} is not divisible by block size {self.blocksize}. "
+                "This will lead to slow inference.",
+                stacklevel=4,
+            )
+        return q
+
     def __call__(self, ids: jax.Array) -> jax.Array:
-        """Looks up integer ``ids`` (any shape); returns ``(*ids.shape, features)`` in the table dtype."""
-        return ops.embed_4bit(ids, self.weight.get_value(), backend=self.backend)
+        """Looks up integer ``ids`` (any shape); returns ``(*ids.shape, features)`` in the table dtype.
+
+        Out-of-range ids give NaN rows (see :func:`qflax.ops.embed_4bit`).
+
+        Raises:
+          TypeError: non-integer ids.
+          ValueError: the stored table's shape/quant_type/blocksize differs from the layer's.
+        """
+        return ops.embed_4bit(ids, self.table(), backend=self.backend)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """``query @ table.T`` (tied output projection), through :func:`qflax.ops.matmul_4bit`.
+
+        Args:
+          query: float array ``(..., features)``.
+
+        Returns:
+          ``(..., num_embeddings)`` in the dtype of ``query``.
+        """
+        return ops.matmul_4bit(query, self.table(), backend=self.backend)
 
 
 class EmbedNF4(Embed4bit):

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from flax.nnx import variablelib
 
+from qflax.nnx.outlier_aware import OutlierDims
+
 OPTIM_BITS = "optim_bits"
 
 
@@ -65,6 +67,11 @@ def _structure(value: Any) -> tuple:
     return treedef, [(tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves]
 
 
+def _without_lengths(structure: tuple) -> tuple:
+    treedef, leaves = structure
+    return treedef, [(len(shape), dtype) for shape, dtype in leaves]
+
+
 def _linen_flat(variables: Mapping[str, Any], prefix: tuple = ()) -> dict[tuple, Any]:
     """Flattens Linen variables (nested mappings) down to arrays and quantized pytrees (kept whole)."""
     flat = {}
@@ -80,9 +87,10 @@ def from_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     """Loads Linen variables into an NNX model, in place.
 
     Every NNX variable (random-number streams aside) must find its entry, with the same
-    pytree structure, shapes and dtypes; every Linen entry must be used. An entry for a
-    variable the NNX model leaves unset (None), such as SwitchBackDense's int8 weight before
-    ``prepare_for_eval``, is created.
+    pytree structure, shapes and dtypes; every Linen entry must find its variable. The
+    exception are the variables a layer lists in ``optional_variables`` (those that exist
+    only in one mode, such as SwitchBackDense's prepared int8 weight or OutlierAwareDense's
+    kernel before and weight after quantization): they are created or removed to match.
 
     Args:
       model: the NNX model (a concrete one, or an abstract one from ``nnx.eval_shape``).
@@ -100,38 +108,41 @@ def from_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     optim_bits = {key[1:]: value for key, value in linen.items() if key[0] == OPTIM_BITS}
     linen = {key: value for key, value in linen.items() if key[0] != OPTIM_BITS}
     nnx_vars = _flat_variables(model)
+    modules = {tuple(str(p) for p in path): module for path, module in nnx.iter_modules(model)}
     for path in optim_bits:
         if ("params", *path) not in nnx_vars:
             raise ValueError(f"Linen entry {OPTIM_BITS}/{'/'.join(path)} marks a param the NNX model does not have")
+    to_drop = []
     for key, var in nnx_vars.items():
         if key not in linen:
-            raise KeyError(f"Linen variables have no entry {'/'.join(key)} for the NNX variable of that name")
+            if not _optional(modules, key):
+                raise KeyError(f"Linen variables have no entry {'/'.join(key)} for the NNX variable of that name")
+            to_drop.append(key)
+            continue
         want, got = _structure(var.get_value()), _structure(linen[key])
+        if isinstance(var, OutlierDims):  # the number of outlier dims is data, not structure
+            want, got = _without_lengths(want), _without_lengths(got)
         if want != got:
-            raise ValueError(
-                f"Linen entry {'/'.join(key)} does not match the NNX variable: expected {want}, got {got}"
-            )
-    for key in linen.keys() - nnx_vars.keys():
-        _create_unset(model, key)
+            raise ValueError(f"Linen entry {'/'.join(key)} does not match the NNX variable: expected {want}, got {got}")
+    to_create = sorted(linen.keys() - nnx_vars.keys())
+    for key in to_create:
+        if not _optional(modules, key):
+            raise ValueError(f"Linen entry {'/'.join(key)} has no NNX variable to load into")
     for key, var in nnx_vars.items():
-        var.set_value(linen[key])
-        if key[0] == "params" and key[1:] in optim_bits:
-            var.set_metadata(OPTIM_BITS, int(optim_bits[key[1:]]))
-    for key in linen.keys() - nnx_vars.keys():
-        _create_unset(model, key, linen[key])
+        if key in linen:
+            var.set_value(linen[key])
+            if key[0] == "params" and key[1:] in optim_bits:
+                var.set_metadata(OPTIM_BITS, int(optim_bits[key[1:]]))
+    for key in to_drop:
+        setattr(modules[tuple(key[1:-1])], key[-1], None)
+    for key in to_create:
+        collection = key[0]
+        variable_type = nnx.Param if collection == "params" else variablelib.variable_type_from_name(collection)
+        setattr(modules[tuple(key[1:-1])], key[-1], variable_type(linen[key]))
     return model
 
 
-def _create_unset(model: nnx.Module, key: tuple, value: Any = None) -> None:
-    """Checks (value None) or creates the variable ``key`` where the model has an unset attribute."""
-    collection, *path = key
-    parent = model
-    for name in path[:-1]:
-        parent = parent[int(name)] if name.isdigit() else getattr(parent, name, None)
-    if not isinstance(parent, nnx.Module) or getattr(parent, path[-1], 0) is not None:
-        raise ValueError(f"Linen entry {'/'.join(key)} has no NNX variable to load into")
-    if value is not None:
-        variable_type = nnx.Param if collection == "params" else variablelib.variable_type_from_name(collection)
-        setattr(parent, path[-1], variable_type(value))
-
-
+def _optional(modules: dict, key: tuple) -> bool:
+    """Whether ``key`` names a variable its layer may lack (listed in the layer's ``optional_variables``)."""
+    module = modules.get(tuple(key[1:-1]))
+    return module is not None and key[-1] in getattr(module, "optional_variables", ())

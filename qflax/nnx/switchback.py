@@ -87,6 +87,8 @@ class SwitchBackDense(_FloatDense):
     """
 
     _fixed: ClassVar[dict[str, bool]] = {}
+    # Variables that exist only after prepare_for_eval.
+    optional_variables: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
 
     def __init__(
         self,
