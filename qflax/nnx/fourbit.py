@@ -18,6 +18,7 @@ from flax import nnx
 from qflax import ops
 from qflax.linen.dense_4bit import check_layer_config, check_loaded_weight
 from qflax.linen.warn_once import warn_once_per_weight
+from qflax.nnx import construction
 from qflax.nnx.variables import QuantizedWeight
 from qflax.quant import fourbit
 
@@ -78,7 +79,7 @@ class Dense4bit(nnx.Module):
         self.use_bias = use_bias
         self.backend = backend
         kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
-        self.weight = QuantizedWeight(fourbit.quantize_4bit(kernel.T, blocksize, quant_type, compress_statistics))
+        self.weight = QuantizedWeight(construction.quantize_4bit(kernel.T, blocksize, quant_type, compress_statistics))
         self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
 
     @classmethod
@@ -196,7 +197,7 @@ class Embed4bit(nnx.Module):
         self.compress_statistics = compress_statistics
         self.backend = backend
         table = embedding_init(rngs.params(), (num_embeddings, features), param_dtype)
-        self.weight = QuantizedWeight(fourbit.quantize_4bit(table, blocksize, quant_type, compress_statistics))
+        self.weight = QuantizedWeight(construction.quantize_4bit(table, blocksize, quant_type, compress_statistics))
 
     @classmethod
     def from_embed(cls, embed: nnx.Embed, **options) -> "Embed4bit":

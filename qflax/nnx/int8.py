@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qflax import ops
+from qflax.nnx import construction
 from qflax.nnx.variables import QuantizedWeight
-from qflax.quant import int8 as int8_quant
 from qflax.quant import validation
 
 Initializer = Callable[..., jax.Array]
@@ -76,7 +76,7 @@ class Dense8bitLt(nnx.Module):
         if has_fp16_weights:
             self.kernel = nnx.Param(kernel)
         else:
-            self.weight = QuantizedWeight(int8_quant.quantize_rows(kernel.T))
+            self.weight = QuantizedWeight(construction.quantize_rows(kernel.T))
         self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
 
     @classmethod
@@ -143,7 +143,7 @@ class Embed8bit(nnx.Module):
         self.dtype = dtype
         self.backend = backend
         table = embedding_init(rngs.params(), (num_embeddings, features), jnp.float32)
-        self.weight = QuantizedWeight(int8_quant.quantize_rows(table))
+        self.weight = QuantizedWeight(construction.quantize_rows(table))
 
     @classmethod
     def from_embed(cls, embed: nnx.Embed, **options) -> "Embed8bit":

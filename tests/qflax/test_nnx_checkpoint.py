@@ -33,12 +33,22 @@ class Everything(nnx.Module):
 
 IDS = jnp.array([[1, 4, 7], [0, 11, 3]], jnp.int32)
 
+# One compiled forward pass for every model of this structure (eager calls would recompile per model).
+_forward = nnx.jit(lambda model, ids: model(ids))
+
 
 def _quantized(seed, quant_type="nf4"):
     model = Everything(nnx.Rngs(seed), quant_type)
     model.switchback.prepare_for_eval()
     qn.quantize_outlier_aware(model, {"outlier": np.array([2, 9])})
     return model
+
+
+@pytest.fixture(scope="module")
+def saved():
+    """A quantized model (never modified by the tests) and its bitsandbytes state dict."""
+    model = _quantized(0)
+    return model, qn.to_bnb_state_dict(model)
 
 
 def _leaf_bytes(model):
@@ -48,32 +58,30 @@ def _leaf_bytes(model):
     ]
 
 
-def test_orbax_round_trip_is_byte_identical(tmp_path):
-    model = _quantized(0)
+def test_orbax_round_trip_is_byte_identical(tmp_path, saved):
+    model, _ = saved
     qn.save_checkpoint(str(tmp_path / "ckpt"), model)
     # Restore into an abstract model of the same structure (nothing quantized or drawn).
     abstract = nnx.eval_shape(lambda: _quantized(1))
     restored = qn.restore_checkpoint(str(tmp_path / "ckpt"), abstract)
     assert _leaf_bytes(restored) == _leaf_bytes(model)
-    np.testing.assert_array_equal(restored(IDS), model(IDS))
+    np.testing.assert_array_equal(_forward(restored, IDS), _forward(model, IDS))
 
 
-def test_bnb_state_dict_round_trip_is_byte_identical():
-    model = _quantized(0)
-    state_dict = qn.to_bnb_state_dict(model)
+def test_bnb_state_dict_round_trip_is_byte_identical(saved):
+    model, state_dict = saved
     other = _quantized(1)
     assert _leaf_bytes(other) != _leaf_bytes(model)
     qn.load_bnb_state_dict(other, state_dict)
     assert _leaf_bytes(other) == _leaf_bytes(model)
-    np.testing.assert_array_equal(other(IDS), model(IDS))
+    np.testing.assert_array_equal(_forward(other, IDS), _forward(model, IDS))
     again = qn.to_bnb_state_dict(other)
     assert again.keys() == state_dict.keys()
     assert all(again[k].dtype == state_dict[k].dtype and again[k].tobytes() == state_dict[k].tobytes() for k in again)
 
 
-def test_bnb_state_dict_uses_bitsandbytes_names_and_layout():
-    model = _quantized(0)
-    sd = qn.to_bnb_state_dict(model)
+def test_bnb_state_dict_uses_bitsandbytes_names_and_layout(saved):
+    model, sd = saved
     # 4-bit layers: exactly the entries of qflax.bnb_format for their Packed4bit.
     expected = bnb_format.to_bnb_state_dict(model.nf4.weight.get_value(), "nf4.weight")
     assert all(sd[k].tobytes() == v.tobytes() for k, v in expected.items())
@@ -103,8 +111,8 @@ def test_bnb_checkpoint_runs_in_bitsandbytes():
     np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
 
 
-def test_bnb_load_errors():
-    sd = qn.to_bnb_state_dict(_quantized(0))
+def test_bnb_load_errors(saved):
+    _, sd = saved
     target = _quantized(1)
     missing = {k: v for k, v in sd.items() if k != "int8.SCB"}
     with pytest.raises(KeyError, match="int8.SCB"):
