@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from qflax import bnb_format
+from qflax import linen as ql
 from qflax import nnx as qn
 
 K = 64
@@ -128,3 +129,28 @@ def test_bnb_load_errors(saved):
     with pytest.raises(ValueError, match="nf4"):
         qn.load_bnb_state_dict(target, fp4_sd)
     assert _leaf_bytes(target) == before
+
+
+class SmallNet(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = qn.Embed4bit(12, K, rngs=rngs)
+        self.fc = qn.DenseNF4(K, K, rngs=rngs)
+        self.out = qn.Dense8bitLt(K, 8, rngs=rngs)
+
+
+def test_bnb_state_dict_matches_the_linen_exporters():
+    model = SmallNet(nnx.Rngs(4))
+    variables = qn.to_linen_variables(model)
+    sd = qn.to_bnb_state_dict(model)
+    linen_sd = ql.to_bnb_4bit_state_dict(variables)
+    linen_sd.update(ql.to_bnb_state_dict_8bit({k: v["out"] for k, v in variables.items() if "out" in v}, "out."))
+    assert sd.keys() == linen_sd.keys()
+    for key, value in sd.items():
+        assert value.dtype == linen_sd[key].dtype and value.tobytes() == np.asarray(linen_sd[key]).tobytes(), key
+    # And a Linen-side load of the NNX export gives back the same variables.
+    loaded = ql.load_bnb_4bit(sd)
+    other = qn.from_linen_variables(SmallNet(nnx.Rngs(5)), {
+        "params": {**loaded["params"], "out": {"bias": variables["params"]["out"]["bias"]}},
+        "quantized": {**loaded["quantized"], "out": variables["quantized"]["out"]},
+    })
+    assert _leaf_bytes(other) == _leaf_bytes(model)
