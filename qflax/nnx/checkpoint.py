@@ -1,6 +1,6 @@
 """Saving and loading NNX models with quantized layers: orbax, and bitsandbytes' state-dict format.
 
-orbax: :func:`save_checkpoint` writes ``nnx.state(model)`` (quantized weights included, as
+orbax (``pip install orbax-checkpoint``): :func:`save_checkpoint` writes ``nnx.state(model)`` (quantized weights included, as
 their uint8/int8/float32 arrays) and :func:`restore_checkpoint` reads it back into a model of
 the same structure, byte for byte.
 
@@ -16,7 +16,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from qflax import bnb_format
@@ -33,6 +32,8 @@ def save_checkpoint(directory: str, model: nnx.Module) -> None:
       directory: the checkpoint directory; it must not exist yet.
       model: the NNX model.
     """
+    import orbax.checkpoint as ocp  # optional dependency: only needed here
+
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.abspath(directory), nnx.state(model))
     checkpointer.wait_until_finished()
@@ -49,6 +50,8 @@ def restore_checkpoint(directory: str, model: nnx.Module) -> nnx.Module:
     Returns:
       ``model`` holding the restored state.
     """
+    import orbax.checkpoint as ocp  # optional dependency: only needed here
+
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model))
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
     nnx.update(model, restored)
