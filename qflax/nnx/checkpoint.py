@@ -1,8 +1,8 @@
 """Saving and loading NNX models with quantized layers: orbax, and bitsandbytes' state-dict format.
 
-orbax (``pip install orbax-checkpoint``): :func:`save_checkpoint` writes ``nnx.state(model)`` (quantized weights included, as
-their uint8/int8/float32 arrays) and :func:`restore_checkpoint` reads it back into a model of
-the same structure, byte for byte.
+orbax (``pip install orbax-checkpoint``): :func:`save_checkpoint` writes ``nnx.state(model)``
+(quantized weights included, as their uint8/int8/float32 arrays) and
+:func:`restore_checkpoint` reads it back into a model of the same structure, byte for byte.
 
 bitsandbytes: :func:`to_bnb_state_dict` gives the torch-style state dict bitsandbytes 0.49.2
 would save for the same model (``<path>.weight``, ``<path>.weight.absmax``, ... for 4-bit
@@ -84,8 +84,12 @@ def _is_array(value: Any) -> bool:
 
 def _leaf_keys(value: Any, key: str) -> list[str]:
     """Keys of the leaves of a pytree variable without a bitsandbytes format: ``key.<field path>``."""
+
+    def name(entry) -> str:  # a dataclass field, dict key or sequence index
+        return str(getattr(entry, "name", getattr(entry, "key", getattr(entry, "idx", entry))))
+
     paths = jax.tree_util.tree_flatten_with_path(value)[0]
-    return [key + "".join(f".{getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k)))}" for k in p) for p, _ in paths]
+    return [key + "".join(f".{name(entry)}" for entry in path) for path, _ in paths]
 
 
 def _export(module: nnx.Module, name: str, value: Any, prefix: str) -> dict[str, np.ndarray]:

@@ -107,7 +107,8 @@ class Dense8bitLt(nnx.Module):
             x = x.astype(self.dtype)
         bias = None if self.bias is None else self.bias[...]
         if self.has_fp16_weights:
-            return ops.matmul_8bit_trainable(x, self.kernel[...].T, bias, threshold=self.threshold, backend=self.backend)
+            kernel = self.kernel[...]
+            return ops.matmul_8bit_trainable(x, kernel.T, bias, threshold=self.threshold, backend=self.backend)
         return ops.matmul_8bit(x, self.weight.get_value(), bias, threshold=self.threshold, backend=self.backend)
 
 

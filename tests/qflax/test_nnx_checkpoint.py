@@ -106,7 +106,7 @@ def test_bnb_checkpoint_runs_in_bitsandbytes():
     ref.bias = torch.nn.Parameter(sd.pop("bias"))
     ref.weight = bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=sd, requires_grad=False, device="cpu")
     ref.train()  # the unpacked CPU path (eval mode on AVX512-BF16 machines takes a packed bf16 path)
-    x = np.asarray(jax.random.normal(jax.random.key(0), (4, K)))
+    x = np.array(jax.random.normal(jax.random.key(0), (4, K)))  # a writable copy for torch.from_numpy
     with torch.no_grad():
         want = ref(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)

@@ -132,7 +132,8 @@ def test_linen_variables_to_nnx_and_back():
 
 def test_linen_interop_errors():
     variables = _linen_net().init(jax.random.key(0), IDS)
-    missing = {"params": variables["params"], "quantized": {k: v for k, v in variables["quantized"].items() if k != "fc"}}
+    quantized = {k: v for k, v in variables["quantized"].items() if k != "fc"}
+    missing = {"params": variables["params"], "quantized": quantized}
     with pytest.raises(KeyError, match="quantized/fc/weight"):
         qn.from_linen_variables(NnxNet(nnx.Rngs(1)), missing)
     with pytest.raises(ValueError, match="quantized/fc/weight"):

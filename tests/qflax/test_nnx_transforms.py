@@ -106,6 +106,5 @@ def test_vmap_built_stack_and_scan():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # The same through the op with the first layer's slice, eagerly.
     q0 = jax.tree.map(lambda a: a[0], packed)
-    np.testing.assert_allclose(
-        ops.matmul_4bit(x, q0, stack.bias[...][0]), x @ quant.dequantize_4bit(q0).T + stack.bias[...][0], rtol=1e-5, atol=1e-5
-    )
+    b0 = stack.bias[...][0]
+    np.testing.assert_allclose(ops.matmul_4bit(x, q0, b0), x @ quant.dequantize_4bit(q0).T + b0, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,13 @@ CASES = [
         True,
     ),
     ("DenseNF4-bf16", ql.DenseNF4(N), lambda r: qn.DenseNF4(K, N, rngs=r), _floats((4, K), dtype=jnp.bfloat16), True),
-    ("DenseFP4-nobias", ql.DenseFP4(N, use_bias=False), lambda r: qn.DenseFP4(K, N, use_bias=False, rngs=r), _floats((K,)), True),
+    (
+        "DenseFP4-nobias",
+        ql.DenseFP4(N, use_bias=False),
+        lambda r: qn.DenseFP4(K, N, use_bias=False, rngs=r),
+        _floats((K,)),
+        True,
+    ),
     ("Dense8bitLt", ql.Dense8bitLt(N), lambda r: qn.Dense8bitLt(K, N, rngs=r), _floats((2, 3, K)), True),
     (
         "Dense8bitLt-threshold",
@@ -52,7 +58,13 @@ CASES = [
         _with_outliers((6, K)),
         True,
     ),
-    ("OutlierAwareDense-float", ql.OutlierAwareDense(N), lambda r: qn.OutlierAwareDense(K, N, rngs=r), _floats((6, K)), True),
+    (
+        "OutlierAwareDense-float",
+        ql.OutlierAwareDense(N),
+        lambda r: qn.OutlierAwareDense(K, N, rngs=r),
+        _floats((6, K)),
+        True,
+    ),
     ("SwitchBackDense", ql.SwitchBackDense(N), lambda r: qn.SwitchBackDense(K, N, rngs=r), _floats((2, 3, K)), True),
     (
         "SwitchBackDenseGlobal-fp16",
@@ -90,7 +102,13 @@ CASES = [
         IDS,
         False,
     ),
-    ("StableEmbed", ql.StableEmbed(10, 16, padding_idx=-1), lambda r: qn.StableEmbed(10, 16, padding_idx=-1, rngs=r), IDS, False),
+    (
+        "StableEmbed",
+        ql.StableEmbed(10, 16, padding_idx=-1),
+        lambda r: qn.StableEmbed(10, 16, padding_idx=-1, rngs=r),
+        IDS,
+        False,
+    ),
     ("Embed4bit", ql.Embed4bit(10, 64), lambda r: qn.Embed4bit(10, 64, rngs=r), IDS, False),
     ("EmbedNF4-rows-straddle-blocks", ql.EmbedNF4(10, 40), lambda r: qn.EmbedNF4(10, 40, rngs=r), IDS, False),
     ("EmbedFP4", ql.EmbedFP4(10, 64, blocksize=32), lambda r: qn.EmbedFP4(10, 64, blocksize=32, rngs=r), IDS, False),
@@ -225,28 +243,72 @@ def test_bad_embed_input_same_behaviour(case):
 
 
 x_small = _floats((2, K))
+
+
+def _linen_init(make_module, x):
+    return lambda: make_module().init(jax.random.key(0), x)
+
+
+def _nnx_build(cls, *args, call_with=None, **kwargs):
+    def build():
+        module = cls(*args, rngs=nnx.Rngs(0), **kwargs)
+        return module if call_with is None else module(call_with)
+
+    return build
+
+
+# (id, Linen init that must fail, NNX construction (or call) that must fail the same way)
 BAD_SETTINGS = [
-    ("vectorwise+mem_efficient", lambda: ql.SwitchBackDense(N, vector_wise_quantization=True, mem_efficient=True).init(
-        jax.random.key(0), x_small), lambda: qn.SwitchBackDense(
-        K, N, vector_wise_quantization=True, mem_efficient=True, rngs=nnx.Rngs(0))),
-    ("DenseNF4 quant_type", lambda: ql.DenseNF4(N, quant_type="fp4").init(jax.random.key(0), x_small),
-     lambda: qn.DenseNF4(K, N, quant_type="fp4", rngs=nnx.Rngs(0))),
-    ("Dense4bit blocksize", lambda: ql.Dense4bit(N, blocksize=100).init(jax.random.key(0), x_small),
-     lambda: qn.Dense4bit(K, N, blocksize=100, rngs=nnx.Rngs(0))),
-    ("Dense4bit quant_type", lambda: ql.Dense4bit(N, quant_type="int4").init(jax.random.key(0), x_small),
-     lambda: qn.Dense4bit(K, N, quant_type="int4", rngs=nnx.Rngs(0))),
-    ("Embed4bit blocksize", lambda: ql.Embed4bit(10, 64, blocksize=3).init(jax.random.key(0), IDS),
-     lambda: qn.Embed4bit(10, 64, blocksize=3, rngs=nnx.Rngs(0))),
-    ("Dense8bitLt threshold", lambda: ql.Dense8bitLt(N, threshold=-1.0).init(jax.random.key(0), x_small),
-     lambda: qn.Dense8bitLt(K, N, threshold=-1.0, rngs=nnx.Rngs(0))(x_small)),
-    ("SwitchBackDenseBnb threshold", lambda: ql.SwitchBackDenseBnb(N, threshold=-1.0).init(jax.random.key(0), x_small),
-     lambda: qn.SwitchBackDenseBnb(K, N, threshold=-1.0, rngs=nnx.Rngs(0))(x_small)),
-    ("Embed padding_idx range", lambda: ql.Embed(10, 16, padding_idx=10).init(jax.random.key(0), IDS),
-     lambda: qn.Embed(10, 16, padding_idx=10, rngs=nnx.Rngs(0))),
-    ("Embed padding_idx type", lambda: ql.Embed(10, 16, padding_idx=1.5).init(jax.random.key(0), IDS),
-     lambda: qn.Embed(10, 16, padding_idx=1.5, rngs=nnx.Rngs(0))),
-    ("StableEmbed max_norm", lambda: ql.StableEmbed(10, 16, max_norm=0.0).init(jax.random.key(0), IDS),
-     lambda: qn.StableEmbed(10, 16, max_norm=0.0, rngs=nnx.Rngs(0))),
+    (
+        "vectorwise+mem_efficient",
+        _linen_init(lambda: ql.SwitchBackDense(N, vector_wise_quantization=True, mem_efficient=True), x_small),
+        _nnx_build(qn.SwitchBackDense, K, N, vector_wise_quantization=True, mem_efficient=True),
+    ),
+    (
+        "DenseNF4 quant_type",
+        _linen_init(lambda: ql.DenseNF4(N, quant_type="fp4"), x_small),
+        _nnx_build(qn.DenseNF4, K, N, quant_type="fp4"),
+    ),
+    (
+        "Dense4bit blocksize",
+        _linen_init(lambda: ql.Dense4bit(N, blocksize=100), x_small),
+        _nnx_build(qn.Dense4bit, K, N, blocksize=100),
+    ),
+    (
+        "Dense4bit quant_type",
+        _linen_init(lambda: ql.Dense4bit(N, quant_type="int4"), x_small),
+        _nnx_build(qn.Dense4bit, K, N, quant_type="int4"),
+    ),
+    (
+        "Embed4bit blocksize",
+        _linen_init(lambda: ql.Embed4bit(10, 64, blocksize=3), IDS),
+        _nnx_build(qn.Embed4bit, 10, 64, blocksize=3),
+    ),
+    (
+        "Dense8bitLt threshold",
+        _linen_init(lambda: ql.Dense8bitLt(N, threshold=-1.0), x_small),
+        _nnx_build(qn.Dense8bitLt, K, N, threshold=-1.0, call_with=x_small),
+    ),
+    (
+        "SwitchBackDenseBnb threshold",
+        _linen_init(lambda: ql.SwitchBackDenseBnb(N, threshold=-1.0), x_small),
+        _nnx_build(qn.SwitchBackDenseBnb, K, N, threshold=-1.0, call_with=x_small),
+    ),
+    (
+        "Embed padding_idx range",
+        _linen_init(lambda: ql.Embed(10, 16, padding_idx=10), IDS),
+        _nnx_build(qn.Embed, 10, 16, padding_idx=10),
+    ),
+    (
+        "Embed padding_idx type",
+        _linen_init(lambda: ql.Embed(10, 16, padding_idx=1.5), IDS),
+        _nnx_build(qn.Embed, 10, 16, padding_idx=1.5),
+    ),
+    (
+        "StableEmbed max_norm",
+        _linen_init(lambda: ql.StableEmbed(10, 16, max_norm=0.0), IDS),
+        _nnx_build(qn.StableEmbed, 10, 16, max_norm=0.0),
+    ),
 ]
 
 
