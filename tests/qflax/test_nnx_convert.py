@@ -141,3 +141,24 @@ def test_linen_interop_errors():
     extra = {**variables, "params": {**variables["params"], "extra": {"kernel": jnp.zeros((2, 2))}}}
     with pytest.raises(ValueError, match="params/extra/kernel"):
         qn.from_linen_variables(NnxNet(nnx.Rngs(1)), extra)
+
+
+def test_embedding_tables_keep_their_32bit_optimizer_mark():
+    class Tagged(nnx.Module):
+        def __init__(self, rngs):
+            self.tok = qn.StableEmbed(20, K, rngs=rngs)
+            self.fc = qn.StandardDense(K, K, rngs=rngs)
+
+    model = Tagged(nnx.Rngs(0))
+    marked = nnx.state(model, qn.optim_32bit_filter)
+    assert [tuple(p) for p, _ in nnx.to_flat_state(marked)] == [("tok", "embedding")]
+    # The mark is the Linen modules' "optim_bits" collection, so Linen's optax helper reads it.
+    variables = qn.to_linen_variables(model)
+    assert ql.params_kept_32bit(variables) == [("tok", "embedding")]
+    labels = ql.state_labels_32bit(variables)
+    assert labels["tok"]["embedding"] == "32bit" and labels["fc"]["kernel"] == "default"
+    # And it comes back from Linen variables into a model built without it.
+    plain = Tagged(nnx.Rngs(1))
+    plain.tok.embedding.set_metadata("optim_bits", None)
+    qn.from_linen_variables(plain, variables)
+    assert plain.tok.embedding.get_metadata()["optim_bits"] == 32
