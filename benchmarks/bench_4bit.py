@@ -36,7 +36,7 @@ ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 MIN_BYTES = 256 * 2**20  # distinct weight bytes per timed call, every format
 
 
-def time_jax(fn, *args, repeats=7, target_s=0.02):
+def time_jax(fn, *args, repeats=5, target_s=0.015):
     """Median seconds per call of a jitted fn (async dispatch keeps the GPU busy)."""
     jax.block_until_ready(fn(*args))
     start = time.perf_counter()
@@ -52,7 +52,7 @@ def time_jax(fn, *args, repeats=7, target_s=0.02):
     return statistics.median(samples)
 
 
-def time_graph(body, repeats=7, target_s=0.02):
+def time_graph(body, repeats=5, target_s=0.015):
     """Median seconds per replay of ``body`` captured in a CUDA graph (None if capture fails)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -189,49 +189,53 @@ def bench_shape(k, n, rows, dtype_name, bandwidth, results, deadline):
             print(f"budget reached: skipped {k}x{n} M={m}", flush=True)
             results["skipped"].append(dict(K=k, N=n, M=m, dtype=dtype_name))
             continue
-        x_torch = torch.randn(m, k, device="cuda", dtype=dtype)
-        x = jax.dlpack.from_dlpack(x_torch)
-        t_ours = time_jax(ours, x, layers.q) / layers.count_4bit
-        t_ref = time_jax(reference, x, layers.q) / layers.count_4bit
-        t_xla = time_jax(bf16, x, layers.jax_w) / layers.count_bf16
-        t_torch = time_graph(lambda: [torch.nn.functional.linear(x_torch, w) for w in layers.torch_w])
-        t_torch /= layers.count_bf16
-        t_bnb = t_gemv = None
-        if modules is not None and m <= 1024:
-            with torch.no_grad():
-                t_bnb = time_graph(lambda: [lin(x_torch) for lin in modules]) / layers.count_4bit
-                if m == 1:
-                    import bitsandbytes as bnb
+        try:
+            x_torch = torch.randn(m, k, device="cuda", dtype=dtype)
+            x = jax.dlpack.from_dlpack(x_torch)
+            t_ours = time_jax(ours, x, layers.q) / layers.count_4bit
+            t_ref = time_jax(reference, x, layers.q) / layers.count_4bit if m <= 1024 else None
+            t_xla = time_jax(bf16, x, layers.jax_w) / layers.count_bf16
+            t_torch = time_graph(lambda: [torch.nn.functional.linear(x_torch, w) for w in layers.torch_w])
+            t_torch /= layers.count_bf16
+            t_bnb = t_gemv = None
+            if modules is not None and m <= 1024:
+                with torch.no_grad():
+                    t_bnb = time_graph(lambda: [lin(x_torch) for lin in modules]) / layers.count_4bit
+                    if m == 1:
+                        import bitsandbytes as bnb
 
-                    states = [(lin.weight, lin.weight.quant_state) for lin in modules]
-                    t_gemv = time_graph(lambda: [bnb.functional.gemv_4bit(x_torch, w.t(), state=s)
-                                                 for w, s in states]) / layers.count_4bit
-        baseline, t_base = ("xla_dot", t_xla) if t_xla < t_torch else ("torch_f_linear_cuda_graph", t_torch)
-        plan = fourbit_plan.plan_matmul(m, n, k, 64, fourbit_jax._sm_count())
-        row = dict(op="matmul_4bit", quant="nf4", blocksize=64, M=m, K=k, N=n, dtype=dtype_name,
-                   ours_us=t_ours * 1e6, baseline=baseline, baseline_us=t_base * 1e6, ratio=t_base / t_ours,
-                   path=f"triton:{plan.kernel}", plan=dict(block_m=plan.block_m, block_n=plan.block_n,
-                                                           split_k=plan.split_k, num_warps=plan.num_warps,
-                                                           num_stages=plan.num_stages, group=plan.group),
-                   xla_bf16_us=t_xla * 1e6, torch_bf16_us=t_torch * 1e6,
-                   xla_reference_4bit_us=None if t_ref is None else t_ref * 1e6,
-                   ratio_vs_xla_reference=None if t_ref is None else t_ref / t_ours,
-                   bnb_linear4bit_us=None if t_bnb is None else t_bnb * 1e6,
-                   bnb_gemv_4bit_us=None if t_gemv is None else t_gemv * 1e6,
-                   weight_bytes_4bit=layers.bytes_4bit,
-                   bandwidth_fraction=layers.bytes_4bit / t_ours / bandwidth,
-                   layers_4bit=layers.count_4bit, layers_bf16=layers.count_bf16, bnb_error=bnb_error)
-        if m in (1, 16, 256) and layers.q_nested is not None:
-            t_nested = time_jax(ours, x, layers.q_nested) / layers.count_4bit
-            row["ours_double_quant_us"] = t_nested * 1e6
-            row["double_quant_cost"] = t_nested / t_ours - 1
-        results["rows"].append(row)
-        print(f"{dtype_name} K={k:5d} N={n:5d} M={m:4d} ours {t_ours*1e6:8.1f}us  ref4 "
-              f"{(t_ref or 0)*1e6:8.1f}  xla {t_xla*1e6:8.1f}  torch {t_torch*1e6:8.1f}  bnb "
-              f"{(t_bnb or 0)*1e6:8.1f} gemv {(t_gemv or 0)*1e6:6.1f}  ratio {t_base/t_ours:5.2f} "
-              f"bw {row['bandwidth_fraction']:.2f} dq {row.get('double_quant_cost', float('nan')):+.3f}",
-              flush=True)
-    results["xla_gemm"][f"{k}x{n}"] = xla_gemm_kind(x, layers.jax_w[0])
+                        states = [(lin.weight, lin.weight.quant_state) for lin in modules]
+                        t_gemv = time_graph(lambda: [bnb.functional.gemv_4bit(x_torch, w.t(), state=s)
+                                                     for w, s in states]) / layers.count_4bit
+            baseline, t_base = ("xla_dot", t_xla) if t_xla < t_torch else ("torch_f_linear_cuda_graph", t_torch)
+            plan = fourbit_plan.plan_matmul(m, n, k, 64, fourbit_jax._sm_count())
+            row = dict(op="matmul_4bit", quant="nf4", blocksize=64, M=m, K=k, N=n, dtype=dtype_name,
+                       ours_us=t_ours * 1e6, baseline=baseline, baseline_us=t_base * 1e6, ratio=t_base / t_ours,
+                       path=f"triton:{plan.kernel}", plan=dict(block_m=plan.block_m, block_n=plan.block_n,
+                                                               split_k=plan.split_k, num_warps=plan.num_warps,
+                                                               num_stages=plan.num_stages, group=plan.group),
+                       xla_bf16_us=t_xla * 1e6, torch_bf16_us=t_torch * 1e6,
+                       xla_reference_4bit_us=None if t_ref is None else t_ref * 1e6,
+                       ratio_vs_xla_reference=None if t_ref is None else t_ref / t_ours,
+                       bnb_linear4bit_us=None if t_bnb is None else t_bnb * 1e6,
+                       bnb_gemv_4bit_us=None if t_gemv is None else t_gemv * 1e6,
+                       weight_bytes_4bit=layers.bytes_4bit,
+                       bandwidth_fraction=layers.bytes_4bit / t_ours / bandwidth,
+                       layers_4bit=layers.count_4bit, layers_bf16=layers.count_bf16, bnb_error=bnb_error)
+            if m in (1, 16, 256) and layers.q_nested is not None:
+                t_nested = time_jax(ours, x, layers.q_nested) / layers.count_4bit
+                row["ours_double_quant_us"] = t_nested * 1e6
+                row["double_quant_cost"] = t_nested / t_ours - 1
+            results["rows"].append(row)
+            print(f"{dtype_name} K={k:5d} N={n:5d} M={m:4d} ours {t_ours*1e6:8.1f}us  ref4 "
+                  f"{(t_ref or 0)*1e6:8.1f}  xla {t_xla*1e6:8.1f}  torch {t_torch*1e6:8.1f}  bnb "
+                  f"{(t_bnb or 0)*1e6:8.1f} gemv {(t_gemv or 0)*1e6:6.1f}  ratio {t_base/t_ours:5.2f} "
+                  f"bw {row['bandwidth_fraction']:.2f} dq {row.get('double_quant_cost', float('nan')):+.3f}",
+                  flush=True)
+        except Exception as err:  # one failing point must not lose the run: record it
+            print(f"K={k} N={n} M={m} failed: {type(err).__name__}: {err}", flush=True)
+            results["errors"].append(dict(K=k, N=n, M=m, dtype=dtype_name, error=repr(err)[:500]))
+    results["xla_gemm"][f"{k}x{n}"] = xla_gemm_kind(jnp.zeros((1, k), jnp.bfloat16), layers.jax_w[0])
     del layers, modules
 
 
@@ -271,6 +275,52 @@ def sweep(shapes, rows, deadline):
     return table
 
 
+TUNE_CANDIDATES = {
+    1: [dict(kernel="gemv", block_n=bn, num_warps=w, num_stages=1, group=g)
+        for bn, w, g in ((64, 2, 1), (128, 4, 1), (128, 4, 2), (256, 4, 1), (256, 8, 1), (128, 2, 1))]
+       + [dict(kernel="gemm", block_m=16, block_n=128, num_warps=4, num_stages=1, group=1)],
+    16: [dict(kernel="gemm", block_m=16, block_n=bn, num_warps=w, num_stages=1, group=1)
+         for bn, w in ((64, 4), (128, 4), (256, 8))],
+    64: [dict(kernel="gemm", block_m=bm, block_n=bn, num_warps=4, num_stages=1, group=1)
+         for bm, bn in ((32, 128), (64, 64), (64, 128))],
+    256: [dict(kernel="gemm", block_m=bm, block_n=bn, num_warps=w, num_stages=1, group=1)
+          for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 256, 8))],
+}
+
+
+def tune(k, n, deadline):
+    """Times TUNE_CANDIDATES on one shape and installs the fastest per M in TILE_TABLE.
+
+    The table used is written to the results, and copied into fourbit_plan by hand.
+    """
+    layers = Layers(k, n, torch.bfloat16, nested_too=False)
+    picks = {}
+    for m, configs in TUNE_CANDIDATES.items():
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        timings = []
+        for config in configs:
+            if time.time() > deadline:
+                break
+            try:
+                timings.append((time_jax(ours_fn(config), x, layers.q, repeats=3) / layers.count_4bit, config))
+            except Exception as err:  # a config that does not compile is skipped, not fatal
+                print(f"config {config} failed: {type(err).__name__}: {err}", flush=True)
+        timings.sort(key=lambda item: item[0])
+        for seconds, config in timings:
+            print(f"tune K={k} N={n} M={m}: {seconds*1e6:8.1f}us {config}", flush=True)
+        if timings:
+            picks[m] = timings[0][1]
+    del layers
+    table = []
+    for m in sorted(picks):
+        c = picks[m]
+        table.append((m, c["kernel"], c["block_m"] if c["kernel"] == "gemm" else 1, c["block_n"], c["num_warps"],
+                      c["num_stages"], c["group"]))
+    table.append(fourbit_plan.TILE_TABLE[-1])
+    fourbit_plan.TILE_TABLE = tuple(table)
+    return [list(row) for row in table]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="results JSON path")
@@ -279,22 +329,32 @@ def main():
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument("--budget-s", type=float, default=280.0)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--tune", default=None, help="KxN: pick tiles per M on this shape first")
+    parser.add_argument("--grid", default=None, help="KxN:m,m,...;KxN:... (overrides --shapes/--rows)")
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = [int(v) for v in args.rows.split(",")]
+    grid = [(shape, rows) for shape in shapes]
+    if args.grid:
+        grid = [(tuple(int(v) for v in part.split(":")[0].split("x")), [int(v) for v in part.split(":")[1].split(",")])
+                for part in args.grid.split(";")]
     device = jax.devices()[0].device_kind
     results = dict(device=device, versions=versions(), date=datetime.date.today().isoformat(),
-                   command=" ".join([os.path.basename(sys.executable)] + sys.argv), rows=[], skipped=[],
+                   command=" ".join([os.path.basename(sys.executable)] + sys.argv), rows=[], skipped=[], errors=[],
                    xla_gemm={})
     if args.sweep:
         results["sweep"] = sweep(shapes, rows, deadline)
     else:
+        if args.tune:
+            k, n = (int(v) for v in args.tune.split("x"))
+            results["tuned_on"] = args.tune
+        results["tile_table"] = tune(k, n, deadline) if args.tune else [list(r) for r in fourbit_plan.TILE_TABLE]
         results["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
         print(f"{device}: copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
         for dtype_name in args.dtypes.split(","):
-            for k, n in shapes:
-                bench_shape(k, n, rows, dtype_name, results["copy_bandwidth_GBps"] * 1e9, results, deadline)
+            for (k, n), shape_rows in grid:
+                bench_shape(k, n, shape_rows, dtype_name, results["copy_bandwidth_GBps"] * 1e9, results, deadline)
                 if args.out:
                     with open(args.out, "w") as f:
                         json.dump(results, f, indent=1)

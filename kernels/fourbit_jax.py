@@ -39,9 +39,9 @@ def _fold_x_rule(unbatched, axis_size, in_batched, x, *rest):
 
 @functools.lru_cache(maxsize=None)
 def _matmul_fn(n: int, k: int, blocksize: int, nested: bool, has_bias: bool, override: tuple):
-    """Launcher for one static configuration: f(x, packed, absmax, qmap, nmap, nabs, noff, bias)."""
+    """Launcher for one static configuration: f(x, packed, absmax, pairs, nmap, nabs, noff, bias)."""
 
-    def launch(x, packed, absmax, quant_map, nested_map, nested_absmax, nested_offset, bias):
+    def launch(x, packed, absmax, pairs, nested_map, nested_absmax, nested_offset, bias):
         import jax_triton
         from qflax_kernels import fourbit_triton
 
@@ -57,7 +57,7 @@ def _matmul_fn(n: int, k: int, blocksize: int, nested: bool, has_bias: bool, ove
             kernel = fourbit_triton.fourbit_gemm_kernel
             extra = dict(M=m, BM=plan.block_m, PRECISION=_precision(x.dtype))
         out = jax_triton.triton_call(
-            x, packed, absmax, quant_map, nested_map, nested_absmax, nested_offset, bias,
+            x, packed, absmax, pairs, nested_map, nested_absmax, nested_offset, bias,
             kernel=kernel, out_shape=out_shape, grid=plan.grid,
             num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **extra,
         )
@@ -75,16 +75,16 @@ def _matmul_fn(n: int, k: int, blocksize: int, nested: bool, has_bias: bool, ove
 
 @functools.lru_cache(maxsize=None)
 def _grad_input_fn(n: int, k: int, blocksize: int, nested: bool, override: tuple):
-    """Launcher for one static configuration: f(g, packed, absmax, qmap, nmap, nabs, noff)."""
+    """Launcher for one static configuration: f(g, packed, absmax, pairs, nmap, nabs, noff)."""
 
-    def launch(g, packed, absmax, quant_map, nested_map, nested_absmax, nested_offset):
+    def launch(g, packed, absmax, pairs, nested_map, nested_absmax, nested_offset):
         import jax_triton
         from qflax_kernels import fourbit_triton
 
         m = g.shape[0]
         plan = fourbit_plan.plan_grad_input(m, n, k, blocksize, dict(override))
         return jax_triton.triton_call(
-            g, packed, absmax, quant_map, nested_map, nested_absmax, nested_offset,
+            g, packed, absmax, pairs, nested_map, nested_absmax, nested_offset,
             kernel=fourbit_triton.fourbit_grad_input_kernel,
             out_shape=jax.ShapeDtypeStruct((m, k), g.dtype), grid=plan.grid,
             num_warps=plan.num_warps, num_stages=plan.num_stages,
@@ -95,6 +95,17 @@ def _grad_input_fn(n: int, k: int, blocksize: int, nested: bool, override: tuple
     batched = jax.custom_batching.custom_vmap(launch)
     batched.def_vmap(functools.partial(_fold_x_rule, batched))
     return batched
+
+
+def code_pairs(quant_map):
+    """(256, 2) float32 table: row b holds the code values of byte b's high and low nibble.
+
+    Built from the (16,) quant_map of each weight (so a stored table is honoured); the
+    kernels decode a packed byte with one 8-byte load from it.
+    """
+    byte = jnp.arange(256, dtype=jnp.int32)
+    table = quant_map.astype(jnp.float32)
+    return jnp.stack([table[byte >> 4], table[byte & 15]], axis=-1)
 
 
 def _statistics(absmax, nested_absmax, nested_quant_map, nested_offset):
@@ -140,7 +151,7 @@ def matmul_4bit(x, packed, absmax, quant_map, *, shape, blocksize, bias=None,
     bias_arg = jnp.zeros((1,), x.dtype) if bias is None else bias.astype(x.dtype)
     fn = _matmul_fn(n, k, blocksize, nested_absmax is not None, bias is not None,
                     tuple(sorted((plan_override or {}).items())))
-    out = fn(x2, packed.reshape(-1), stats[0], quant_map.astype(jnp.float32), *stats[1:], bias_arg)
+    out = fn(x2, packed.reshape(-1), stats[0], code_pairs(quant_map), *stats[1:], bias_arg)
     return out.reshape(*lead, n)
 
 
@@ -160,5 +171,5 @@ def grad_input_4bit(g, packed, absmax, quant_map, *, shape, blocksize,
     lead = g.shape[:-1]
     stats = _statistics(absmax, nested_absmax, nested_quant_map, nested_offset)
     fn = _grad_input_fn(n, k, blocksize, nested_absmax is not None, tuple(sorted((plan_override or {}).items())))
-    out = fn(g.reshape(-1, n), packed.reshape(-1), stats[0], quant_map.astype(jnp.float32), *stats[1:])
+    out = fn(g.reshape(-1, n), packed.reshape(-1), stats[0], code_pairs(quant_map), *stats[1:])
     return out.reshape(*lead, k)

@@ -4,9 +4,9 @@ The weight W has shape (N, K) (out, in) and is flattened row-major; block ``b`` 
 elements ``[b * BS, (b + 1) * BS)`` and one absmax. With ``K % BS == 0`` (required by the
 launchers) block ``n * (K // BS) + g`` is row n, columns ``[g * BS, (g + 1) * BS)``, so its
 ``BS // 2`` packed bytes are contiguous and byte j holds column ``g * BS + 2j`` in the high
-nibble and ``g * BS + 2j + 1`` in the low one. Every kernel walks K one quantization block
-at a time: one absmax per (row, step), and the even/odd columns of x or of the output pair
-with the high/low nibbles, so codes are never interleaved in registers.
+nibble and ``g * BS + 2j + 1`` in the low one. Every kernel walks K in whole quantization
+blocks, one absmax per (row, block), and decodes a byte's two codes with one 8-byte load
+from a 256-entry table of value pairs (built from the 16-entry quant_map by the launcher).
 
 Double-quantized statistics (NESTED) are decoded where they are used:
 ``absmax = nested_map[code] * nested_absmax[block // NESTED_BS] + offset``.
@@ -32,8 +32,20 @@ def _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, blk
 
 
 @triton.jit
+def _decode_pairs(code_pairs_ptr, raw, ROWS: tl.constexpr, BS: tl.constexpr):
+    """[ROWS, BS] float32 code values of [ROWS, BS // 2] packed bytes, in column order.
+
+    ``code_pairs`` is a (256, 2) float32 table: entry b holds the values of the high and
+    the low nibble of byte b, so one 8-byte load decodes two weights.
+    """
+    pair = tl.arange(0, 2)
+    values = tl.load(code_pairs_ptr + (raw.to(tl.int32) * 2)[:, :, None] + pair[None, None, :])
+    return tl.reshape(values, [ROWS, BS])
+
+
+@triton.jit
 def fourbit_gemv_kernel(
-    x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+    x_ptr, packed_ptr, absmax_ptr, code_pairs_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
     bias_ptr, out_ptr,
     N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, GROUP: tl.constexpr,
@@ -62,7 +74,9 @@ def fourbit_gemv_kernel(
     # Software pipelining by hand (Triton pipelines only loops that feed a dot): the bytes
     # and absmax of step s + 1 are requested before step s is decoded.
     first = offs_n * KB + pid_k * PER_SPLIT
-    raw = tl.load(packed_ptr + first[:, None] * HB + offs_j[None, :], mask=n_mask[:, None], other=0)
+    # Bytes are widened to int32 on arrival: a loop-carried uint8 tensor is repacked into
+    # bytes and unpacked again every step.
+    raw = tl.load(packed_ptr + first[:, None] * HB + offs_j[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
     scale = _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                           first[:, None] + offs_g[None, :], n_mask[:, None], NESTED, NESTED_BS)
     for step in range(STEPS):
@@ -70,13 +84,10 @@ def fourbit_gemv_kernel(
         more = n_mask & (step + 1 < STEPS)
         following = first + (step + 1) * GROUP
         raw_next = tl.load(packed_ptr + following[:, None] * HB + offs_j[None, :], mask=more[:, None], other=0)
+        raw_next = raw_next.to(tl.int32)
         scale_next = _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                                    following[:, None] + offs_g[None, :], more[:, None], NESTED, NESTED_BS)
-        hi = tl.load(quant_map_ptr + (raw >> 4).to(tl.int32))
-        lo = tl.load(quant_map_ptr + (raw & 15).to(tl.int32))
-        # Interleave back to column order (a register relabelling: each lane keeps its own
-        # bytes) so x is read contiguously, 16 bytes at a time.
-        w = tl.reshape(tl.join(hi, lo), [BN, GROUP * BS])
+        w = _decode_pairs(code_pairs_ptr, raw, BN, GROUP * BS)
         x = tl.load(x_ptr + g * BS + offs_k).to(tl.float32)
         # absmax is constant over a block: scale each block's dot product once.
         part = tl.sum(tl.reshape(x[None, :] * w, [BN, GROUP, BS]), axis=2)
@@ -93,7 +104,7 @@ def fourbit_gemv_kernel(
 
 @triton.jit
 def fourbit_gemm_kernel(
-    x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+    x_ptr, packed_ptr, absmax_ptr, code_pairs_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
     bias_ptr, out_ptr,
     M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -127,10 +138,7 @@ def fourbit_gemm_kernel(
         raw = tl.load(packed_ptr + blk[:, None] * HB + offs_j[None, :], mask=n_mask[:, None], other=0)
         scale = _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, blk, n_mask,
                               NESTED, NESTED_BS)
-        hi = tl.load(quant_map_ptr + (raw >> 4).to(tl.int32)) * scale[:, None]
-        lo = tl.load(quant_map_ptr + (raw & 15).to(tl.int32)) * scale[:, None]
-        # Interleave high/low nibbles back into column order: one dot over the whole block.
-        w = tl.reshape(tl.join(hi, lo), [BN, BS]).to(x_ptr.dtype.element_ty)
+        w = (_decode_pairs(code_pairs_ptr, raw, BN, BS) * scale[:, None]).to(x_ptr.dtype.element_ty)
         x = tl.load(x_ptr + offs_m[:, None] * K + (g * BS + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -144,7 +152,7 @@ def fourbit_gemm_kernel(
 
 @triton.jit
 def fourbit_grad_input_kernel(
-    g_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+    g_ptr, packed_ptr, absmax_ptr, code_pairs_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
     out_ptr,
     M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
@@ -172,9 +180,7 @@ def fourbit_grad_input_kernel(
         raw = tl.load(packed_ptr + blk[:, None] * HB + offs_j[None, :], mask=n_mask[:, None], other=0)
         scale = _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, blk, n_mask,
                               NESTED, NESTED_BS)
-        hi = tl.load(quant_map_ptr + (raw >> 4).to(tl.int32)) * scale[:, None]
-        lo = tl.load(quant_map_ptr + (raw & 15).to(tl.int32)) * scale[:, None]
-        w = tl.reshape(tl.join(hi, lo), [BN, BS]).to(g_ptr.dtype.element_ty)
+        w = (_decode_pairs(code_pairs_ptr, raw, BN, BS) * scale[:, None]).to(g_ptr.dtype.element_ty)
         grad = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :],
                        mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(grad, w, acc, input_precision=PRECISION)

@@ -44,7 +44,10 @@ def _weight_tensors(q):
         stats = (_torch(q.absmax), _torch(q.nested_quant_map), _torch(q.nested_absmax), _torch(q.nested_offset).reshape(1))
     else:
         stats = (_torch(q.absmax), placeholder, placeholder, placeholder)
-    return (_torch(q.packed).reshape(-1), stats[0], _torch(q.quant_map), *stats[1:])
+    table = np.asarray(q.quant_map, np.float32)
+    byte = np.arange(256)
+    pairs = torch.from_numpy(np.stack([table[byte >> 4], table[byte & 15]], axis=-1))  # as fourbit_jax.code_pairs
+    return (_torch(q.packed).reshape(-1), stats[0], pairs, *stats[1:])
 
 
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
