@@ -2,8 +2,8 @@
 
 Shared by the jax-triton launchers and the interpreter tests, so both launch the kernels
 the same way. Tiles come from a table indexed by M, measured on an H100 with
-``benchmarks/bench_4bit.py --sweep`` (see the notes beside each entry); split-K is then
-chosen so the grid has a few programs per multiprocessor.
+``benchmarks/bench_4bit.py --tune``; split-K is then chosen so the grid has a few
+programs per multiprocessor.
 """
 
 import dataclasses
@@ -44,13 +44,16 @@ class Plan:
 
 
 # (max M, kernel, block_m, block_n, num_warps, num_stages, group); first row with
-# M <= max M wins.
+# M <= max M wins. Measured on an H100 80GB HBM3 (8192 x 8192, bf16) by
+# `benchmarks/bench_4bit.py --tune 8192x8192`; see the "tile_table" of
+# benchmarks/results/bench_4bit-H100-2026-11-25.json. num_stages stays 1: with more
+# stages Triton pipelines the code-table gathers through shared memory (cp.async of
+# 4 bytes each), which measured slower.
 TILE_TABLE = (
     (1, "gemv", 1, 128, 4, 1, 2),
-    (16, "gemm", 16, 128, 4, 1, 1),
-    (32, "gemm", 32, 128, 4, 1, 1),
-    (64, "gemm", 64, 128, 4, 1, 1),
-    (128, "gemm", 64, 128, 4, 1, 1),
+    (16, "gemm", 16, 64, 4, 1, 1),
+    (64, "gemm", 64, 64, 4, 1, 1),
+    (256, "gemm", 128, 128, 8, 1, 1),
     (None, "gemm", 128, 128, 8, 1, 1),
 )
 
@@ -69,8 +72,9 @@ def choose_split_k(programs: int, k_blocks: int, sm_count: int, partial_bytes: i
     """Power-of-two split of K that brings ``programs`` up to PROGRAMS_PER_SM per SM.
 
     The split divides ``k_blocks`` into equal slices that are multiples of ``group``
-    blocks (the kernels assume both), leaves each slice at least 8 blocks, and keeps the float32 partial sums (``partial_bytes`` per
-    split, written and read back) under a quarter of the weight's bytes.
+    blocks (the kernels assume both), leaves each slice at least 8 blocks, and keeps the
+    float32 partial sums (``partial_bytes`` per split, written and read back) under a
+    quarter of the weight's bytes.
     """
     wanted = PROGRAMS_PER_SM * sm_count
     split = 1
