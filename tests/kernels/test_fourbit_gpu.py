@@ -161,3 +161,43 @@ def test_kernel_supports_on_gpu():
     assert fourbit_kernels.kernel_supports(x, q64, "bfloat16")
     assert not fourbit_kernels.kernel_supports(x, _weight(jax.random.key(7), 64, 256, 256), "bfloat16")
     assert not fourbit_kernels.kernel_supports(x, _weight(jax.random.key(7), 64, 96, 64), "bfloat16")  # 96 % 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_4bit_op_dispatches_to_the_kernels(dtype):
+    """qflax.ops.matmul_4bit picks "triton" on the GPU, agrees with its XLA path, forward and grad."""
+    from qflax.ops import last_path, matmul_4bit
+
+    keys = jax.random.split(jax.random.key(8), 3)
+    q = _weight(keys[0], N, K, 128, "fp4", True)
+    x = jax.random.normal(keys[1], (2, 5, K), jnp.float32).astype(dtype)
+    bias = jax.random.normal(keys[2], (N,), jnp.float32).astype(dtype)
+
+    def loss(x, b, backend):
+        return jnp.sum(matmul_4bit(x, q, b, backend=backend).astype(jnp.float32) ** 2)
+
+    # The XLA path's float32 dot may use TF32 on the GPU; the kernels compute float32 exactly.
+    tolerance = max(TOLERANCE[dtype], 1e-3)
+    y = jax.jit(lambda x, b: matmul_4bit(x, q, b))(x, bias)
+    assert last_path("matmul_4bit") == "triton"
+    y_xla = matmul_4bit(x, q, bias, backend="xla")
+    assert y.dtype == jnp.dtype(dtype)
+    assert _relative_error(y, y_xla.astype(jnp.float32)) < tolerance
+    grads = jax.jit(jax.grad(lambda x, b: loss(x, b, None), argnums=(0, 1)))(x, bias)
+    assert last_path("matmul_4bit_grad_input") == "triton"
+    grads_xla = jax.grad(lambda x, b: loss(x, b, "xla"), argnums=(0, 1))(x, bias)
+    for got, want in zip(grads, grads_xla):
+        assert _relative_error(got, want.astype(jnp.float32)) < 2 * tolerance
+    y_vmap = jax.jit(jax.vmap(lambda x: matmul_4bit(x, q, bias)))(x)
+    assert _relative_error(y_vmap, y_xla.astype(jnp.float32)) < tolerance
+
+
+def test_matmul_4bit_op_falls_back_to_xla_for_other_blocksizes():
+    from qflax.ops import last_path, matmul_4bit
+
+    q = _weight(jax.random.key(9), 64, 512, 256)
+    x = jnp.ones((1, 512), jnp.bfloat16)
+    matmul_4bit(x, q)
+    assert last_path("matmul_4bit") == "xla"
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        matmul_4bit(x, q, backend="triton")
