@@ -14,23 +14,32 @@ from qflax.ops import dispatch
 from qflax.quant.fourbit import Packed4bit
 
 
+# Above this many rows of x the XLA path (dequantize once, then cuBLAS) is faster: on an
+# H100 at 8192x8192, M=1024, it took 442 us against the fused GEMM's 738 us
+# (benchmarks/results/bench_4bit-H100-2026-11-25.json).
+MAX_KERNEL_ROWS = 512
+
+
 def kernel_supports(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
-    """Whether the fused 4-bit kernels can compute ``x @ W.T`` for these arguments.
+    """Whether the fused 4-bit kernels should compute ``x @ W.T`` (or ``G @ W``) here.
 
     True when JAX runs on a GPU with jax-triton, the weight is 2-D with ``in_features`` a
-    multiple of its blocksize, the blocksize is 64 or 128 and the compute dtype is
-    float16, bfloat16 or float32. Anything else takes the XLA reference path.
+    multiple of its blocksize, the blocksize is 64 or 128, the compute dtype is float16,
+    bfloat16 or float32, and x has at most MAX_KERNEL_ROWS rows. Anything else takes the
+    XLA reference path.
 
     Args:
-      x: the activations (only their presence matters; dtype is given by ``compute_dtype``).
+      x: the activations (or output gradient), ``(..., features)``.
       q: the quantized weight.
       compute_dtype: name of the dtype the product is computed in.
 
     Returns:
       bool.
     """
-    del x
-    if len(q.shape) != 2 or q.quant_map.shape != (16,) or not dispatch.triton_available():
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if rows > MAX_KERNEL_ROWS or len(q.shape) != 2 or q.quant_map.shape != (16,):
+        return False
+    if not dispatch.triton_available():
         return False
     from qflax_kernels import fourbit_plan
 

@@ -68,3 +68,18 @@ def test_code_pairs_hold_both_nibbles_of_every_byte():
 def test_kernel_supports_is_false_without_a_gpu():
     q = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
     assert not fourbit_kernels.kernel_supports(jnp.ones((1, 256), jnp.bfloat16), q, "bfloat16")
+
+
+def test_kernel_supports_rules_when_triton_is_available(monkeypatch):
+    from qflax.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    q64 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
+    small = jnp.ones((4, 128, 256), jnp.bfloat16)  # 512 rows: the kernels' largest batch
+    assert fourbit_kernels.kernel_supports(small, q64, "bfloat16")
+    assert fourbit_kernels.kernel_supports(small, q64, "float32")
+    assert not fourbit_kernels.kernel_supports(jnp.ones((513, 256), jnp.bfloat16), q64, "bfloat16")
+    q256 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=256)
+    assert not fourbit_kernels.kernel_supports(small, q256, "bfloat16")
+    q_odd_k = fourbit.quantize_4bit(jnp.ones((64, 96), jnp.float32), blocksize=64)
+    assert not fourbit_kernels.kernel_supports(jnp.ones((1, 96), jnp.bfloat16), q_odd_k, "bfloat16")
