@@ -57,8 +57,18 @@ def test_notebook_has_badge_and_colab_install_cell(path):
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
 
 
+def torch_compat_has_layers() -> bool:
+    try:
+        import torch_compat
+    except ImportError:
+        return False
+    return hasattr(getattr(torch_compat, "nn", None), "LinearNF4")
+
+
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if not p.name.startswith("04_")], ids=lambda p: p.stem)
 def test_notebook_runs_and_writes_plots(path, tmp_path, monkeypatch):
+    if path.name.startswith("02_") and not torch_compat_has_layers():
+        pytest.skip("torch_compat.nn (issue 6) is not in this tree yet")
     notebook = execute(path, tmp_path, monkeypatch)
     assert "not on Colab" in text_output(notebook)
     plots = list(tmp_path.glob("*.png"))
