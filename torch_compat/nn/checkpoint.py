@@ -66,6 +66,9 @@ class FourBitCheckpoint:
             )._quantize(old.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        for key in stats:
+            if f"{weight_key}.{key}" in unexpected_keys:
+                unexpected_keys.remove(f"{weight_key}.{key}")
 
 
 class Int8Checkpoint:
