@@ -85,7 +85,7 @@ def quantize_4bit(
         raise ValueError(
             f"quant_storage {quant_storage} needs a packed byte count divisible by {itemsize}, got {packed.numel()}"
         )
-    packed = packed.view(quant_storage).reshape(-1, 1)
+    packed = packed.reshape(-1).view(quant_storage).reshape(-1, 1)
     if absmax is not None:
         absmax.copy_(state.absmax)
     if out is not None:
