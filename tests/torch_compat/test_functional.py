@@ -1,5 +1,6 @@
 """torch_compat.functional against bitsandbytes.functional 0.49.2 on CPU."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,8 +24,14 @@ def test_nf4_packed_bytes_and_state_identical(bnb_ref, gen, dtype, blocksize):
     unpacked, unpacked_ref = s.as_dict(), s_ref.as_dict()
     assert {k: v for k, v in unpacked.items() if not torch.is_tensor(v)} == {
         k: v for k, v in unpacked_ref.items() if not torch.is_tensor(v)}
-    torch.testing.assert_close(F.dequantize_4bit(q, s), bnb_ref.functional.dequantize_4bit(q_ref, s_ref),
+    # dequantization: independent numpy decode of the bytes (table[code] * absmax[i // blocksize])
+    codes = np.stack([q.numpy().reshape(-1) >> 4, q.numpy().reshape(-1) & 15], 1).reshape(-1)
+    expected = s_ref.code.numpy()[codes] * np.repeat(s_ref.absmax.numpy(), blocksize)[: codes.size]
+    torch.testing.assert_close(F.dequantize_4bit(q, s), torch.from_numpy(expected).reshape(A.shape).to(dtype),
                                atol=0, rtol=0)
+    if blocksize < 256:  # bitsandbytes' own CPU dequant is wrong at blocksize 256 on this AVX512 machine
+        torch.testing.assert_close(F.dequantize_4bit(q, s), bnb_ref.functional.dequantize_4bit(q_ref, s_ref),
+                                   atol=0, rtol=0)
 
 
 def test_nested_state_round_trips_and_matches_bnb_codes(bnb_ref, gen):
