@@ -7,6 +7,8 @@ bitsandbytes layer it serves and calls the qflax.ops op that does the work.
 
 import jax.numpy as jnp
 
+from qflax.ops import standard_matmul, switchback_bnb_matmul, switchback_matmul, switchback_matmul_prepared
+
 try:  # The ops land in qflax.ops as their issues merge; until then interim_ops stands in.
     from qflax.ops import embed_4bit, matmul_4bit
 except ImportError:
@@ -15,13 +17,6 @@ try:
     from qflax.ops import embed_8bit, matmul_8bit, matmul_8bit_trainable
 except ImportError:
     from torch_compat.interim_ops import embed_8bit, matmul_8bit, matmul_8bit_trainable
-try:
-    from qflax.ops import standard_matmul, switchback_bnb_matmul, switchback_matmul, switchback_matmul_prepared
-except ImportError:
-    from torch_compat.interim_ops import (
-        standard_matmul, switchback_bnb_matmul, switchback_matmul, switchback_matmul_prepared,
-    )
-
 
 def linear_4bit(q, x, bias, compute_dtype=None):
     """Linear4bit: computed in ``compute_dtype`` (default the input dtype), returned in the input dtype."""

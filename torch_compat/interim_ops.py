@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from qflax import quant
-from qflax.quant import int8 as qint8
 
 sg = jax.lax.stop_gradient
 
@@ -77,43 +76,3 @@ def embed_8bit(ids, w, dtype=None, backend=None):
     rows = jnp.take(w.codes, ids, axis=0).astype(jnp.float32)
     scale = jnp.take(w.scale, ids, axis=0).astype(jnp.float32)[..., None]
     return (rows * (scale / jnp.float32(127))).astype(dtype or jnp.float32)
-
-
-def _switchback_product(x2, w_codes, w_scale, variant):
-    xq, sx = quant.quantize_rowwise(x2)
-    acc = quant.int8_linear_matmul(xq, w_codes).astype(jnp.float32)
-    scale_w = w_scale[None, :] if variant == "vectorwise" else w_scale.reshape(1, 1)
-    return acc * (sx[:, None] * qint8.INV_127_SQUARED) * scale_w
-
-
-def _quantize_weight(weight, variant):
-    if variant == "vectorwise":
-        return quant.quantize_rowwise(weight)
-    return quant.quantize_global(weight)
-
-
-def switchback_matmul(x, weight, bias=None, variant="global", backend=None):
-    """SwitchBack: int8 forward, gradients ``G @ W`` and ``G^T X`` in the input precision."""
-    x2 = _flat(x)
-    w_codes, w_scale = _quantize_weight(sg(weight), variant)
-    y_x = x2 @ sg(weight).astype(x.dtype).T
-    y_w = sg(x2) @ weight.astype(x.dtype).T
-    y_q = _switchback_product(sg(x2), w_codes, w_scale, variant).astype(x.dtype)
-    y = sg(y_q - y_x - y_w) + y_x + y_w
-    return _add_bias(y, bias).reshape(*x.shape[:-1], -1)
-
-
-def switchback_matmul_prepared(x, w_codes, w_scale, bias=None, variant="global", backend=None):
-    """SwitchBack inference with pre-quantized weights."""
-    y = _switchback_product(_flat(x), w_codes, w_scale, variant).astype(x.dtype)
-    return _add_bias(y, bias).reshape(*x.shape[:-1], -1)
-
-
-def standard_matmul(x, weight, bias=None):
-    """Plain ``x @ W.T + b``."""
-    return _add_bias(x @ weight.astype(x.dtype).T, bias)
-
-
-def switchback_bnb_matmul(x, weight, bias=None, threshold=0.0, backend=None):
-    """SwitchBackBnb: LLM.int8 forward, gradients ``G @ dequant(W)`` and ``G^T X`` in full precision."""
-    return matmul_8bit_trainable(x, weight, bias, threshold)
