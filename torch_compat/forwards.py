@@ -18,6 +18,7 @@ try:
 except ImportError:
     from torch_compat.interim_ops import embed_8bit, matmul_8bit, matmul_8bit_trainable
 
+
 def linear_4bit(q, x, bias, compute_dtype=None):
     """Linear4bit: computed in ``compute_dtype`` (default the input dtype), returned in the input dtype."""
     cdt = jnp.dtype(compute_dtype or x.dtype)
