@@ -49,32 +49,33 @@ class _Importer:
     """
 
     def __init__(self):
-        self._devices: dict[tuple[int, int], Any] = {}
-        self._fast = True
+        self._devices: dict[torch.device, tuple] = {}
+        try:
+            from jax._src.lib import _jax
 
-    def _device_and_stream(self, dl_type: int, dl_id: int):
-        key = (dl_type, dl_id)
-        if key not in self._devices:
+            self._to_buffer = _jax.dlpack_managed_tensor_to_buffer
+        except (ImportError, AttributeError):
+            self._to_buffer = None
+
+    def _device_info(self, t: torch.Tensor) -> tuple:
+        info = self._devices.get(t.device)
+        if info is None:
             from jax._src import xla_bridge
 
+            dl_type, dl_id = (int(v) for v in t.__dlpack_device__())
             backend = xla_bridge.get_backend("cpu" if dl_type == _DL_CPU else "cuda")
             device = backend.device_from_local_hardware_id(dl_id)
-            stream = None
-            if dl_type == _DL_CUDA:
-                stream = device.get_stream_for_external_ready_events()
-            self._devices[key] = (device, stream)
-        return self._devices[key]
+            stream = device.get_stream_for_external_ready_events() if dl_type == _DL_CUDA else None
+            info = self._devices[t.device] = (device, stream, dl_type)
+        return info
 
     def __call__(self, t: torch.Tensor) -> jax.Array:
-        if self._fast:
+        if self._to_buffer is not None:
+            device, stream, dl_type = self._device_info(t)
             try:
-                from jax._src.lib import _jax
-
-                dl_type, dl_id = (int(v) for v in t.__dlpack_device__())
-                device, stream = self._device_and_stream(dl_type, dl_id)
-                return _jax.dlpack_managed_tensor_to_buffer(t.__dlpack__(stream=stream), device, stream, None, dl_type)
-            except (ImportError, AttributeError, TypeError):
-                self._fast = False
+                return self._to_buffer(t.__dlpack__(stream=stream), device, stream, None, dl_type)
+            except TypeError:
+                self._to_buffer = None
         return jax.dlpack.from_dlpack(t)
 
 
@@ -96,13 +97,14 @@ def to_jax(t: Optional[torch.Tensor]) -> Optional[jax.Array]:
     """
     if t is None:
         return None
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype in _ALLOWED_DTYPES:
+        return _import_tensor(t if t.is_contiguous() else t.contiguous())
     if t.dtype == torch.int64:
-        t = t.to(torch.int32)
-    elif t.dtype not in _ALLOWED_DTYPES:
-        allowed = sorted(str(d).replace("torch.", "") for d in _ALLOWED_DTYPES | {torch.int64})
-        raise TypeError(f"torch_compat cannot pass a {t.dtype} tensor to JAX; allowed dtypes: {allowed}")
-    return _import_tensor(t.contiguous())
+        return _import_tensor(t.to(torch.int32).contiguous())
+    allowed = sorted(str(d).replace("torch.", "") for d in _ALLOWED_DTYPES | {torch.int64})
+    raise TypeError(f"torch_compat cannot pass a {t.dtype} tensor to JAX; allowed dtypes: {allowed}")
 
 
 def to_torch(a: Optional[jax.Array]) -> Optional[torch.Tensor]:
@@ -115,32 +117,32 @@ def to_torch(a: Optional[jax.Array]) -> Optional[torch.Tensor]:
 class WeightCache:
     """Holds a JAX pytree built from some torch tensors until one of them changes.
 
-    The key of each source tensor is ``(data_ptr, _version, shape, dtype, device)``: an
-    in-place write bumps ``_version``, a re-assignment changes the pointer. The cache is
-    dropped by ``copy``/``deepcopy``/pickle (it is derived data).
+    A source counts as changed when it is another tensor object, or its data pointer moved
+    (``param.data = ...``), or its ``_version`` counter rose (an in-place write such as
+    ``load_state_dict``'s ``copy_``). The cache keeps the source tensors alive, so a freed
+    tensor's address can never be mistaken for a live one. It is dropped by
+    ``copy``/``deepcopy``/pickle (it is derived data).
     """
 
     def __init__(self):
-        self._key = None
+        self._sources: list = []
         self._value = None
-
-    @staticmethod
-    def _tensor_key(t: Optional[torch.Tensor]):
-        if t is None:
-            return None
-        return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
 
     def get(self, sources: Sequence[Optional[torch.Tensor]], build: Callable[[], Any]) -> Any:
         """The cached pytree, rebuilt with ``build()`` when any of ``sources`` changed."""
-        key = tuple(self._tensor_key(t) for t in sources)
-        if key != self._key:
+        cached = self._sources
+        if len(cached) != len(sources) or any(
+            t is not old or (t is not None and (t._version != version or t.data_ptr() != ptr))
+            for t, (old, version, ptr) in zip(sources, cached)
+        ):
             self._value = build()
-            self._key = key
+            self._sources = [(t, None if t is None else t._version, None if t is None else t.data_ptr())
+                             for t in sources]
         return self._value
 
     def clear(self) -> None:
         """Forgets the cached pytree."""
-        self._key = self._value = None
+        self._sources, self._value = [], None
 
     def __getstate__(self):
         return {}
@@ -186,6 +188,10 @@ class JaxOp:
         """Gradients for the arrays flagged in ``need`` (None for the others)."""
         return self._backward(consts, arrays, grad, need)
 
+    def __reduce__(self):
+        # Pickled (with a module that holds it) as a reference to the shared cached instance.
+        return _rebuild_op, (self.fn, tuple(sorted(self.static.items())))
+
 
 _ops: dict[tuple, JaxOp] = {}
 
@@ -197,6 +203,10 @@ def jax_op(fn: Callable, **static) -> JaxOp:
     if op is None:
         op = _ops[key] = JaxOp(fn, tuple(sorted(static.items())))
     return op
+
+
+def _rebuild_op(fn: Callable, static: tuple) -> JaxOp:
+    return jax_op(fn, **dict(static))
 
 
 class JaxFunction(torch.autograd.Function):

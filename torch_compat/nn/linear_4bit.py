@@ -50,6 +50,7 @@ class Linear4bit(FourBitCheckpoint, nn.Linear):
         # bitsandbytes' AVX512-BF16 CPU-packed layout is never used here.
         self.support_avx512bf16_for_cpu = False
         self._jax_weight = bridge.WeightCache()
+        self._op = self._op_for = None  # the JaxOp of the current compute_dtype
 
     def _weight_shape(self):
         return (self.out_features, self.in_features)
@@ -82,9 +83,10 @@ class Linear4bit(FourBitCheckpoint, nn.Linear):
         if not self.compute_type_is_set:
             self.set_compute_type(x)
             self.compute_type_is_set = True
-        compute_dtype = None if self.compute_dtype is None else str(self.compute_dtype).replace("torch.", "")
-        op = bridge.jax_op(forwards.linear_4bit, compute_dtype=compute_dtype)
-        return bridge.call(op, self._packed_weight(), x, self.bias)
+        if self._op_for is not self.compute_dtype or self._op is None:
+            name = None if self.compute_dtype is None else str(self.compute_dtype).replace("torch.", "")
+            self._op, self._op_for = bridge.jax_op(forwards.linear_4bit, compute_dtype=name), self.compute_dtype
+        return bridge.call(self._op, self._packed_weight(), x, self.bias)
 
 
 class LinearFP4(Linear4bit):
