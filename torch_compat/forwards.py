@@ -7,23 +7,15 @@ bitsandbytes layer it serves and calls the qflax.ops op that does the work.
 
 import jax.numpy as jnp
 
-from qflax.ops import standard_matmul, switchback_bnb_matmul, switchback_matmul, switchback_matmul_prepared
-
-try:  # The ops land in qflax.ops as their issues merge; until then interim_ops stands in.
-    from qflax.ops import embed_4bit, matmul_4bit
-except ImportError:
-    from torch_compat.interim_ops import embed_4bit, matmul_4bit
-try:
-    from qflax.ops import embed_8bit, matmul_8bit, matmul_8bit_trainable
-except ImportError:
-    from torch_compat.interim_ops import embed_8bit, matmul_8bit, matmul_8bit_trainable
+from qflax.ops import (
+    embed_4bit, embed_8bit, matmul_4bit, matmul_8bit, matmul_8bit_trainable, standard_matmul, switchback_bnb_matmul,
+    switchback_matmul, switchback_matmul_prepared,
+)
 
 
 def linear_4bit(q, x, bias, compute_dtype=None):
     """Linear4bit: computed in ``compute_dtype`` (default the input dtype), returned in the input dtype."""
-    cdt = jnp.dtype(compute_dtype or x.dtype)
-    b = None if bias is None else bias.astype(cdt)
-    return matmul_4bit(x.astype(cdt), q, b, compute_dtype=cdt).astype(x.dtype)
+    return matmul_4bit(x, q, bias, compute_dtype=compute_dtype)
 
 
 def embedding_4bit(q, ids, dtype):

@@ -102,14 +102,14 @@ def test_int8_checkpoint_both_ways(bnb_ref, gen, threshold):
     for key in sd:
         assert sd[key].dtype == sd_ref[key].dtype and sd[key].shape == sd_ref[key].shape
         assert torch.equal(sd[key], sd_ref[key]), key
-    x = torch.randn(4, 128, generator=gen)
+    # fp16 input: bitsandbytes' activation dtype, so both quantize the same values (README: fp32 inputs are
+    # quantized in fp32 by qflax); tolerances are a few fp16 ulps
+    x = torch.randn(4, 128, generator=gen).half()
     ref.eval()
     # bitsandbytes -> fresh torch_compat module (bitsandbytes itself raises RuntimeError here, SPEC §6.3)
     fresh = tc.nn.Linear8bitLt(128, 40, has_fp16_weights=False, threshold=threshold)
     fresh.load_state_dict(sd_ref)
-    with pytest.warns(UserWarning):
-        y_ref = ref(x)
-    torch.testing.assert_close(fresh(x), y_ref, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(fresh(x), ref(x), atol=2e-2, rtol=2e-3)
     # ... and into a module that already ran forward passes (bitsandbytes raises RuntimeError)
     used = tc.nn.Linear8bitLt(128, 40, has_fp16_weights=False, threshold=threshold).to("cpu")
     used(x)
@@ -119,8 +119,7 @@ def test_int8_checkpoint_both_ways(bnb_ref, gen, threshold):
     target = bnb_ref.nn.Linear8bitLt(128, 40, has_fp16_weights=False, threshold=threshold).to("cpu")
     target.load_state_dict(ours.state_dict())
     target.eval()
-    with pytest.warns(UserWarning):
-        torch.testing.assert_close(target(x), ours(x), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(target(x), ours(x), atol=2e-2, rtol=2e-3)
 
 
 def test_int8_state_dict_before_quantization_is_float(gen):
