@@ -10,6 +10,9 @@ torch ``nn.Linear`` as the floor. The baseline of the ratio is bitsandbytes' fas
 
 Usage:
   python benchmarks/bench_overhead.py [--device cpu|cuda] [--out benchmarks/results]
+
+On a shared CPU machine pin the process (e.g. ``taskset -c 1``) so both libraries run under the
+same conditions; the JSON records the thread count.
 """
 
 import argparse
@@ -28,8 +31,10 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch_compat  # noqa: E402
+from torch_compat import bridge, forwards  # noqa: E402
 
-SHAPES = [(256, 256), (1024, 1024), (4096, 4096)]
+# 64x64: compute is negligible, the time is host overhead; larger shapes show where compute takes over.
+SHAPES = [(64, 64), (256, 256), (1024, 1024)]
 
 
 def _device_name(device: str) -> str:
@@ -56,6 +61,18 @@ def _time_per_call(fn, x, calls: int, repeats: int, device: str) -> float:
     return statistics.median(means)
 
 
+class _JaxCall:
+    """Calls a JaxOp on the jax copy of the input, waiting for the result (as a torch call does)."""
+
+    def __init__(self, op, packed, bias):
+        self.op, self.packed, self.bias, self.x = op, packed, bias, None
+
+    def __call__(self, x):
+        if self.x is None:
+            self.x = bridge.to_jax(x)
+        return self.op.forward(self.packed, self.x, self.bias).block_until_ready()
+
+
 def _layers(bnb, K: int, N: int, device: str):
     torch.manual_seed(0)
     weight, bias = torch.randn(N, K), torch.randn(N)
@@ -70,6 +87,11 @@ def _layers(bnb, K: int, N: int, device: str):
             layer = layer.to(device)
             layer.train(mode == "train")
             out[f"bitsandbytes.nn.LinearNF4 ({mode})"] = layer
+    # qflax alone: the jitted op on jax arrays, i.e. torch_compat without the torch side and DLPack
+    packed = ours._packed_weight()
+    op = bridge.jax_op(forwards.linear_4bit, compute_dtype="float32")
+    bias_jax = bridge.to_jax(ours.bias)
+    out["qflax jitted op (jax arrays)"] = _JaxCall(op, packed, bias_jax)
     floor = torch.nn.Linear(K, N).to(device)
     floor.weight.data, floor.bias.data = weight.clone().to(device), bias.clone().to(device)
     out["torch.nn.Linear (fp32 floor)"] = floor
