@@ -140,6 +140,7 @@ def main() -> None:
         "device": device,
         "device_kind": args.device,
         "threads": torch.get_num_threads(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__, "jax": jax.__version__,
             "bitsandbytes": getattr(bnb, "__version__", None),
