@@ -205,3 +205,42 @@ def test_int8_module_copies(gen):
     assert torch.equal(deep.weight.SCB, layer.weight.SCB) and torch.equal(deep.weight.CB, layer.weight.CB)
     x = torch.randn(2, 32, generator=gen)
     torch.testing.assert_close(deep(x), layer(x), atol=0, rtol=0)
+
+
+def _saved_size(state_dict) -> int:
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    return buf.getbuffer().nbytes
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_serialization_roundtrip_and_size(gen, quant_storage, quant_type):
+    """SPEC §12 test_linear4bit serialization: 300 -> 400 layer, reload via from_prequantized, file < 29 %."""
+    linear = torch.nn.Linear(300, 400, dtype=torch.float16)
+    layer = tc.nn.Linear4bit(300, 400, quant_type=quant_type, quant_storage=quant_storage, device="meta")
+    layer.weight = tc.nn.Params4bit(data=linear.weight.data, quant_type=quant_type, quant_storage=quant_storage,
+                                    module=layer)
+    layer.bias = torch.nn.Parameter(linear.bias.data)
+    layer = layer.to("cpu")
+    assert layer.weight.dtype == quant_storage
+    sd = layer.state_dict()
+    assert _saved_size(sd) < 0.29 * _saved_size(linear.state_dict())
+    bias = sd.pop("bias")
+    weight = sd.pop("weight")
+    reloaded = tc.nn.Linear4bit(300, 400, quant_type=quant_type, quant_storage=quant_storage)
+    reloaded.weight = tc.nn.Params4bit.from_prequantized(data=weight, quantized_stats=sd, device="cpu",
+                                                         module=reloaded)
+    reloaded.bias = torch.nn.Parameter(bias)
+    # compare bytes: packed codes viewed as floats can be NaN patterns
+    assert torch.equal(reloaded.weight.data.view(torch.uint8), layer.weight.data.view(torch.uint8))
+    assert reloaded.weight.dtype == quant_storage
+    assert reloaded.weight.quant_state == layer.weight.quant_state
+    x = torch.randn(3, 300, generator=gen)
+    torch.testing.assert_close(reloaded(x), layer(x), atol=0, rtol=0)
+
+
+def test_int8_state_dict_size(gen):
+    layer = tc.nn.Linear8bitLt(256, 256, has_fp16_weights=False)
+    fp32_size = _saved_size(layer.state_dict())
+    assert _saved_size(layer.to("cpu").state_dict()) < 0.5 * fp32_size
