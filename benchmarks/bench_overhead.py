@@ -2,7 +2,8 @@
 
 At batch 1 a small layer's matmul costs next to nothing, so the wall time of one call is the
 per-call host overhead (Python, dispatch, and for torch_compat the DLPack crossings). Each
-figure is the median over repeats of the mean time of ``--calls`` back-to-back calls.
+figure is the median over repeats (interleaved across implementations) of the mean time of
+``--calls`` back-to-back calls.
 
 Rows: torch_compat LinearNF4; bitsandbytes LinearNF4 in train mode (its dequantize + matmul path)
 and in eval mode (on AVX512-BF16 CPUs its packed bf16 kernel; on CUDA its gemv); plain
@@ -46,19 +47,22 @@ def _device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
-def _time_per_call(fn, x, calls: int, repeats: int, device: str) -> float:
+def _time_per_call(layers: dict, x, calls: int, repeats: int, device: str) -> dict:
+    """Median per-call microseconds of each layer; repeats are interleaved so load drift hits all alike."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(20):
-        fn(x)
+    for layer in layers.values():
+        for _ in range(20):
+            layer(x)
     sync()
-    means = []
+    means = {name: [] for name in layers}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn(x)
-        sync()
-        means.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(means)
+        for name, layer in layers.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                layer(x)
+            sync()
+            means[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(values) for name, values in means.items()}
 
 
 class _JaxCall:
@@ -116,8 +120,7 @@ def main() -> None:
     with torch.no_grad():
         for K, N in SHAPES:
             x = torch.randn(1, K, device=args.device)
-            timings = {name: _time_per_call(layer, x, args.calls, args.repeats, args.device)
-                       for name, layer in _layers(bnb, K, N, args.device).items()}
+            timings = _time_per_call(_layers(bnb, K, N, args.device), x, args.calls, args.repeats, args.device)
             bnb_times = [t for name, t in timings.items() if name.startswith("bitsandbytes")]
             baseline = min(bnb_times) if bnb_times else None
             ours = timings["torch_compat.nn.LinearNF4"]
@@ -147,7 +150,7 @@ def main() -> None:
         },
         "date": date,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "method": f"median over {args.repeats} repeats of the mean of {args.calls} calls, after 20 warm-up calls",
+        "method": f"median over {args.repeats} interleaved repeats of the mean of {args.calls} calls, after 20 warm-up calls",
         "rows": rows,
     }
     out_dir = pathlib.Path(args.out)

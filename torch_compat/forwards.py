@@ -18,6 +18,12 @@ def linear_4bit(q, x, bias, compute_dtype=None):
     return matmul_4bit(x, q, bias, compute_dtype=compute_dtype)
 
 
+def linear_4bit_layer(consts, x, bias, compute_dtype=None):
+    """Linear4bit's call: ``consts = (q, frozen_bias)``; a trainable ``bias`` (an array) replaces frozen_bias."""
+    q, frozen_bias = consts
+    return linear_4bit(q, x, frozen_bias if bias is None else bias, compute_dtype)
+
+
 def embedding_4bit(q, ids, dtype):
     """Embedding4bit: the rows of ``ids``, in ``dtype``."""
     return embed_4bit(ids, q).astype(dtype)

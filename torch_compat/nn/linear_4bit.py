@@ -50,6 +50,7 @@ class Linear4bit(FourBitCheckpoint, nn.Linear):
         # bitsandbytes' AVX512-BF16 CPU-packed layout is never used here.
         self.support_avx512bf16_for_cpu = False
         self._jax_weight = bridge.WeightCache()
+        self._jax_bias = bridge.WeightCache()
         self._op = self._op_for = None  # the JaxOp of the current compute_dtype
 
     def _weight_shape(self):
@@ -85,8 +86,13 @@ class Linear4bit(FourBitCheckpoint, nn.Linear):
             self.compute_type_is_set = True
         if self._op_for is not self.compute_dtype or self._op is None:
             name = None if self.compute_dtype is None else str(self.compute_dtype).replace("torch.", "")
-            self._op, self._op_for = bridge.jax_op(forwards.linear_4bit, compute_dtype=name), self.compute_dtype
-        return bridge.call(self._op, self._packed_weight(), x, self.bias)
+            self._op, self._op_for = bridge.jax_op(forwards.linear_4bit_layer, compute_dtype=name), self.compute_dtype
+        bias = self.bias
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            return bridge.call(self._op, (self._packed_weight(), None), x, bias)
+        # No gradient for the bias: it travels with the frozen weight, converted once (saves a DLPack import).
+        frozen_bias = self._jax_bias.get([bias], lambda: bridge.to_jax(bias))
+        return bridge.call(self._op, (self._packed_weight(), frozen_bias), x, None)
 
 
 class LinearFP4(Linear4bit):
