@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qflax.ops import dispatch
+from qflax.ops import dispatch, fourbit_kernels
 from qflax.quant import validation
 from qflax.quant.fourbit import Packed4bit, dequantize_4bit
 
@@ -46,14 +46,10 @@ def dequantize_as(q: Packed4bit, dtype: str) -> jax.Array:
 
 
 def _kernel_supports(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
-    """Whether a GPU kernel can compute this product.
-
-    KERNEL HOOK (issue 7): no Triton kernel for 4-bit matmuls exists yet, so this is False and
-    dispatch always takes the XLA path. The fused dequantize-matmul of ``qflax_kernels`` will
-    answer here from ``compute_dtype``, ``q.blocksize`` and ``q.quant_type``.
-    """
-    del x, q, compute_dtype
-    return False
+    """Whether the fused Triton kernels (``qflax.ops.fourbit_kernels``) can compute this product:
+    a GPU with jax-triton, blocksize 64 or 128, ``in_features % blocksize == 0``, and a
+    float16/bfloat16/float32 compute dtype."""
+    return fourbit_kernels.kernel_supports(x, q, compute_dtype)
 
 
 def _forward_product(x: jax.Array, q: Packed4bit, bias: Optional[jax.Array], compute_dtype: str) -> jax.Array:
@@ -77,9 +73,7 @@ def _grad_input_product(g: jax.Array, q: Packed4bit, compute_dtype: str) -> jax.
 def _matmul_impl(x, q, bias, compute_dtype, requested_backend):
     path = dispatch.choose(OP_NAME, requested_backend, kernel_supports=_kernel_supports(x, q, compute_dtype))
     if path == "triton":
-        # KERNEL HOOK (issue 7): launch qflax_kernels' fused dequantize-matmul here. Unreachable
-        # until then: _kernel_supports is False, so dispatch never picks "triton".
-        raise NotImplementedError(f"{OP_NAME}: the Triton kernel is not implemented yet")
+        return fourbit_kernels.forward(x, q, bias, compute_dtype)
     return _forward_product(x, q, bias, compute_dtype)
 
 
@@ -97,9 +91,9 @@ def _matmul_bwd(compute_dtype, requested_backend, residuals, g):
         GRAD_INPUT_OP_NAME, requested_backend, kernel_supports=_kernel_supports(g, q, compute_dtype)
     )
     if path == "triton":
-        # KERNEL HOOK (issue 7): launch the fused G @ W kernel here (unreachable until it exists).
-        raise NotImplementedError(f"{GRAD_INPUT_OP_NAME}: the Triton kernel is not implemented yet")
-    grad_x = _grad_input_product(g, q, compute_dtype).astype(g.dtype)  # g has x's dtype
+        grad_x = fourbit_kernels.grad_input(g, q, compute_dtype).astype(g.dtype)
+    else:
+        grad_x = _grad_input_product(g, q, compute_dtype).astype(g.dtype)  # g has x's dtype
     grad_bias = None
     if bias is not None:
         # The bias entered the sum through a cast to the compute dtype: sum G there, accumulate in float32.

@@ -1,0 +1,157 @@
+"""The 4-bit Triton kernels, run by Triton's interpreter on torch CPU tensors, vs the XLA reference.
+
+Each test launches the same ``@triton.jit`` function the GPU runs, with the launch plan of
+``qflax_kernels.fourbit_plan`` (forced to small tiles so N, M and split-K have tails), and
+compares with ``x @ dequantize_4bit(q).T`` computed by XLA in float32.
+"""
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from qflax.quant import fourbit
+from qflax_kernels import fourbit_plan
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests run where no GPU is present (CI)"
+)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Relative Frobenius error allowed per activation dtype (kernel rounds differently from XLA).
+TOLERANCE = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 1e-5}
+COMBOS = list(itertools.product(("nf4", "fp4"), (64, 128), (False, True), tuple(DTYPES)))
+ROWS = (1, 3, 17, 64)
+
+
+def _torch(array) -> torch.Tensor:
+    return torch.from_numpy(np.array(array))
+
+
+def _weight(rng, n, k, blocksize, quant_type, nested):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q = fourbit.quantize_4bit(jnp.asarray(w), blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    return q, np.asarray(fourbit.dequantize_4bit(q), np.float32)
+
+
+def _weight_tensors(q):
+    placeholder = torch.zeros(1, dtype=torch.float32)
+    if q.nested:
+        stats = (_torch(q.absmax), _torch(q.nested_quant_map), _torch(q.nested_absmax), _torch(q.nested_offset).reshape(1))
+    else:
+        stats = (_torch(q.absmax), placeholder, placeholder, placeholder)
+    table = np.asarray(q.quant_map, np.float32)
+    byte = np.arange(256)
+    pairs = torch.from_numpy(np.stack([table[byte >> 4], table[byte & 15]], axis=-1))  # as fourbit_jax.code_pairs
+    return (_torch(q.packed).reshape(-1), stats[0], pairs, *stats[1:])
+
+
+def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Rounds float32 data to ``dtype`` and back, so kernel and reference see the same input."""
+    return np.asarray(jnp.asarray(array).astype(dtype).astype(jnp.float32))
+
+
+def _relative_error(out: torch.Tensor, ref: np.ndarray) -> float:
+    got = out.to(torch.float32).numpy()
+    assert np.isfinite(got).all()
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def run_matmul(x, q, bias, override):
+    """Launches the forward kernel the way ``fourbit_jax`` does; returns (out, plan)."""
+    from qflax_kernels import fourbit_triton
+
+    m, k = x.shape
+    n = q.shape[0]
+    plan = fourbit_plan.plan_matmul(m, n, k, q.blocksize, override=override)
+    split = plan.split_k > 1
+    # Poisoned output: every element must be written.
+    out = torch.full((plan.split_k, m, n) if split else (m, n), float("nan"), dtype=torch.float32 if split else x.dtype)
+    bias_arg = torch.zeros(1, dtype=x.dtype) if bias is None else bias
+    common = dict(N=n, K=k, BS=q.blocksize, BN=plan.block_n, SPLIT_K=plan.split_k,
+                  NESTED=q.nested, NESTED_BS=256, HAS_BIAS=bias is not None)
+    args = (x, *_weight_tensors(q), bias_arg, out)
+    if plan.kernel == "gemv":
+        fourbit_triton.fourbit_gemv_kernel[plan.grid](*args, **common, GROUP=plan.group)
+    else:
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        fourbit_triton.fourbit_gemm_kernel[plan.grid](*args, **common, M=m, BM=plan.block_m, PRECISION=precision)
+    if split:
+        total = out.sum(0) + (0 if bias is None else bias.to(torch.float32))
+        out = total.to(x.dtype)
+    return out, plan
+
+
+def run_grad_input(g, q, override):
+    from qflax_kernels import fourbit_triton
+
+    m, n = g.shape
+    k = q.shape[1]
+    plan = fourbit_plan.plan_grad_input(m, n, k, q.blocksize, override=override)
+    out = torch.full((m, k), float("nan"), dtype=g.dtype)
+    precision = "ieee" if g.dtype == torch.float32 else "tf32"
+    fourbit_triton.fourbit_grad_input_kernel[plan.grid](
+        g, *_weight_tensors(q), out, M=m, N=n, K=k, BS=q.blocksize, BM=plan.block_m, BN=plan.block_n,
+        NESTED=q.nested, NESTED_BS=256, PRECISION=precision,
+    )
+    return out
+
+
+def _check_forward(index, kernel, m, k, override):
+    quant_type, blocksize, nested, dtype = COMBOS[index]
+    rng = np.random.default_rng(index)
+    n = 96 + 8 * (index % 3) + 4  # not a multiple of BN=32
+    q, w = _weight(rng, n, k, blocksize, quant_type, nested)
+    x = _cast(rng.standard_normal((m, k)).astype(np.float32), dtype)
+    bias = _cast(rng.standard_normal(n).astype(np.float32), dtype) if index % 2 else None
+    out, plan = run_matmul(_torch(x).to(DTYPES[dtype]), q, None if bias is None else _torch(bias).to(DTYPES[dtype]),
+                           dict(kernel=kernel, block_n=32, **override))
+    assert (plan.kernel, out.shape, out.dtype) == (kernel, (m, n), DTYPES[dtype])
+    w_rounded = _cast(w, dtype)  # the reference dequantizes into the activation dtype
+    ref = np.asarray(jnp.dot(jnp.asarray(x), jnp.asarray(w_rounded).T, precision=jax.lax.Precision.HIGHEST))
+    if bias is not None:
+        ref = ref + bias
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("index", range(len(COMBOS)))
+def test_gemv_kernel_matches_xla_reference(index):
+    # K = 512: 8 (bs 64) or 4 (bs 128) blocks, walked in groups of 1 or 2, split in 1 or 2.
+    _check_forward(index, "gemv", 1, 512, dict(group=1 + index % 2, split_k=1 + (index // 2) % 2))
+
+
+@pytest.mark.parametrize("index", range(len(COMBOS)))
+def test_gemm_kernel_matches_xla_reference(index):
+    # M tails against BM=16; K = 256 gives 4 or 2 blocks, split in 2 or not.
+    _check_forward(index, "gemm", ROWS[index % len(ROWS)], 256, dict(block_m=16, split_k=2 if index % 4 < 2 else 1))
+
+
+@pytest.mark.parametrize("index", range(len(COMBOS)))
+def test_grad_input_kernel_matches_xla_reference(index):
+    quant_type, blocksize, nested, dtype = COMBOS[index]
+    rng = np.random.default_rng(100 + index)
+    m = ROWS[index % len(ROWS)]
+    n, k = 80 + 16 * (index % 3) + 2, 256  # N is not a multiple of BN=32: the N loop has a tail
+    q, w = _weight(rng, n, k, blocksize, quant_type, nested)
+    g = _cast(rng.standard_normal((m, n)).astype(np.float32), dtype)
+    out = run_grad_input(_torch(g).to(DTYPES[dtype]), q, dict(block_n=32))
+    assert out.shape == (m, k) and out.dtype == DTYPES[dtype]
+    ref = np.asarray(jnp.dot(jnp.asarray(g), jnp.asarray(_cast(w, dtype)), precision=jax.lax.Precision.HIGHEST))
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_default_plans_cover_small_and_large_batches():
+    """The plan table's own choices (no override) run correctly at M = 1, 3, 17, 64."""
+    rng = np.random.default_rng(7)
+    q, w = _weight(rng, 160, 384, 64, "nf4", True)
+    kernels = []
+    for m in ROWS:
+        x = rng.standard_normal((m, 384)).astype(np.float32)
+        out, plan = run_matmul(_torch(x), q, None, None)
+        kernels.append(plan.kernel)
+        assert _relative_error(out, x @ w.T) < 1e-5
+    assert kernels[0] == "gemv" and kernels[-1] == "gemm"

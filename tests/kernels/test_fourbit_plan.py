@@ -1,0 +1,88 @@
+"""Launch plans, argument checks and dispatch of the 4-bit kernels (no GPU needed)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qflax.ops import fourbit_kernels
+from qflax.quant import codebooks, fourbit
+from qflax_kernels import fourbit_jax, fourbit_plan
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 17, 64, 200, 256, 1024, 4096])
+@pytest.mark.parametrize("n, k", [(8192, 8192), (14336, 4096), (4096, 14336), (1000, 768)])
+def test_plan_grid_covers_the_output_and_split_divides_k(m, n, k):
+    plan = fourbit_plan.plan_matmul(m, n, k, 64)
+    blocks = k // 64
+    assert blocks % (plan.split_k * plan.group) == 0
+    assert plan.split_k == 1 or blocks // plan.split_k >= 8
+    if plan.kernel == "gemv":
+        assert m == 1 and plan.grid == (-(-n // plan.block_n), plan.split_k)
+    else:
+        assert plan.grid == (-(-m // plan.block_m), -(-n // plan.block_n), plan.split_k)
+        assert plan.block_m >= 16  # tensor-core dots need 16 rows
+
+
+def test_split_k_partial_sums_stay_small():
+    # M=256 on 8192x8192: float32 partials of one split are 8 MiB against a 32 MiB weight.
+    assert fourbit_plan.plan_matmul(256, 8192, 8192, 64).split_k == 1
+    assert fourbit_plan.plan_matmul(1, 8192, 8192, 64).split_k > 1
+
+
+def test_plan_rejects_bad_overrides():
+    with pytest.raises(ValueError, match="split_k"):
+        fourbit_plan.plan_matmul(1, 128, 64 * 12, 64, override=dict(split_k=8))
+    with pytest.raises(ValueError, match="gemv kernel takes one row"):
+        fourbit_plan.plan_matmul(3, 128, 256, 64, override=dict(kernel="gemv"))
+
+
+@pytest.mark.parametrize(
+    "n, k, blocksize, dtype, message",
+    [
+        (64, 256, 256, "bfloat16", "blocksize must be one of"),
+        (64, 256, 32, "float16", "blocksize must be one of"),
+        (64, 256, 64, "int8", "dtype must be one of"),
+        (64, 96, 64, "float32", "multiple of blocksize"),
+    ],
+)
+def test_unsupported_arguments_are_named(n, k, blocksize, dtype, message):
+    assert message in fourbit_plan.unsupported_reason(n, k, blocksize, dtype)
+
+
+def test_launcher_raises_before_launching_for_unsupported_blocksize():
+    q = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=256)
+    with pytest.raises(ValueError, match=r"blocksize must be one of \(64, 128\)"):
+        fourbit_jax.matmul_4bit(jnp.ones((1, 256), jnp.bfloat16), q.packed, q.absmax, q.quant_map,
+                                shape=q.shape, blocksize=q.blocksize)
+
+
+def test_code_pairs_hold_both_nibbles_of_every_byte():
+    table = np.asarray(codebooks.table_4bit("fp4"), np.float32)
+    pairs = np.asarray(fourbit_jax.code_pairs(jnp.asarray(table)))
+    for byte in (0x00, 0x0F, 0xF0, 0x3A, 0xFF):
+        np.testing.assert_array_equal(pairs[byte], [table[byte >> 4], table[byte & 0x0F]])
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU answer")
+def test_kernel_supports_is_false_without_a_gpu():
+    q = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
+    assert not fourbit_kernels.kernel_supports(jnp.ones((1, 256), jnp.bfloat16), q, "bfloat16")
+
+
+def test_kernel_supports_rules_when_triton_is_available(monkeypatch):
+    from qflax.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    q64 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
+    small = jnp.ones((4, 8, 256), jnp.bfloat16)  # 32 rows: the largest batch for a narrow layer
+    assert fourbit_kernels.kernel_supports(small, q64, "bfloat16")
+    assert fourbit_kernels.kernel_supports(small, q64, "float32")
+    assert not fourbit_kernels.kernel_supports(jnp.ones((33, 256), jnp.bfloat16), q64, "bfloat16")
+    wide = fourbit.quantize_4bit(jnp.ones((8192, 64), jnp.float32), blocksize=64)
+    assert fourbit_kernels.kernel_supports(jnp.ones((256, 64), jnp.bfloat16), wide, "bfloat16")
+    assert not fourbit_kernels.kernel_supports(jnp.ones((257, 64), jnp.bfloat16), wide, "bfloat16")
+    q256 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=256)
+    assert not fourbit_kernels.kernel_supports(small, q256, "bfloat16")
+    q_odd_k = fourbit.quantize_4bit(jnp.ones((64, 96), jnp.float32), blocksize=64)
+    assert not fourbit_kernels.kernel_supports(jnp.ones((1, 96), jnp.bfloat16), q_odd_k, "bfloat16")
