@@ -1,0 +1,166 @@
+"""int8 kernels on the GPU (compiled Triton through jax-triton) vs the XLA references.
+
+Run on the GPU machine: ``pytest -m gpu tests/kernels/test_int8_gpu.py``. Kernel and reference
+quantize with the same rules, so outputs differ only by float rounding (and, rarely, one code
+where a product lands within an ulp of a rounding half).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qflax.ops as ops
+from qflax.ops import int8_kernels
+from qflax.quant import int8 as int8_ref
+from qflax.quant import switchback as sb_ref
+
+pytestmark = pytest.mark.gpu
+
+# Relative Frobenius error allowed between kernel and XLA outputs, per output dtype.
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+def rel_err(got, ref):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(got).all()
+    return np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def _normal(key, shape, dtype="float32", scale=1.0):
+    return (jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32) * scale).astype(dtype)
+
+
+def _assert_codes_close(got, ref):
+    got, ref = np.asarray(got, np.int32), np.asarray(ref, np.int32)
+    diff = np.abs(got - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantizers_match_reference(dtype):
+    x = _normal(1, (520, 1000), dtype, 3.0).at[7].set(0)
+    codes, absmax = int8_kernels.quantize_rowwise(x)
+    ref_codes, ref_absmax = sb_ref.quantize_rowwise(x)
+    _assert_codes_close(codes, ref_codes)
+    np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+    assert not np.asarray(codes[7]).any()
+    w = _normal(2, (300, 700), dtype).at[:, 3].set(0)
+    for ours, ref in [(int8_kernels.quantize_columnwise_and_transpose, sb_ref.quantize_columnwise_and_transpose),
+                      (int8_kernels.quantize_global, sb_ref.quantize_global),
+                      (int8_kernels.quantize_global_transpose, sb_ref.quantize_global_transpose)]:
+        (codes, scale), (ref_codes, ref_scale) = ours(w), ref(w)
+        assert codes.shape == ref_codes.shape
+        _assert_codes_close(codes, ref_codes)
+        np.testing.assert_array_equal(np.asarray(scale), np.asarray(ref_scale))
+
+
+def _xla_int8_matmul(x, w_codes, w_scale, bias):
+    codes, absmax = sb_ref.quantize_rowwise(x.reshape(-1, x.shape[-1]))
+    scale = jnp.broadcast_to(w_scale, (w_codes.shape[0],))
+    out = int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(codes, w_codes), absmax, scale, bias)
+    return out.astype(x.dtype).reshape(x.shape[:-1] + (w_codes.shape[0],))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("scale_kind", ["vectorwise", "global"])
+@pytest.mark.parametrize("shape", [((2, 150), 1000, 520), ((2048,), 2048, 2048), ((300,), 4096, 384)])
+def test_int8_matmul_matches_reference(dtype, scale_kind, shape):
+    lead, K, N = shape
+    x = _normal(3, lead + (K,), dtype)
+    w = _normal(4, (N, K))
+    w_codes, w_scale = (sb_ref.quantize_rowwise if scale_kind == "vectorwise" else sb_ref.quantize_global)(w)
+    bias = _normal(5, (N,), dtype)
+    got = jax.jit(int8_kernels.run_int8_matmul)(x, w_codes, w_scale, bias)
+    assert got.dtype == x.dtype and got.shape == lead + (N,)
+    assert rel_err(got, _xla_int8_matmul(x, w_codes, w_scale, bias)) < TOL[dtype]
+
+
+def _xla_llm_int8(x, w_codes, w_scale, threshold, w_float=None):
+    codes, stats, mask = int8_ref.int8_vectorwise_quant(x, threshold)
+    codes = jnp.where(mask[None, :], jnp.int8(0), codes)  # whichever int8.py version: outlier columns out
+    out = int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(codes, w_codes), stats, w_scale)
+    w_cols = int8_ref.int8_vectorwise_dequant(w_codes, w_scale) if w_float is None else w_float.astype(jnp.float32)
+    xo = jnp.where(mask[None, :], x.astype(jnp.float32), 0.0)
+    return out + xo @ w_cols.T
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_llm_int8_outlier_path_matches_reference(dtype):
+    M, K, N = 257, 1024, 768
+    x = _normal(6, (M, K), dtype)
+    cols = np.array([3, 100, 101, 640, 1023])
+    x = x.at[np.arange(5) * 40, cols].set(jnp.asarray([8.0, -7.0, 6.5, 9.0, -12.0], dtype))
+    w = _normal(7, (N, K))
+    wq = int8_ref.quantize_rows(w)
+    got = jax.jit(lambda x: int8_kernels.run_llm_int8(x, wq.codes, wq.scale, None, 6.0))(x)
+    ref = _xla_llm_int8(x, wq.codes, wq.scale, 6.0)
+    assert rel_err(got, ref) < TOL[dtype]
+    no_outliers = int8_kernels.run_llm_int8(x, wq.codes, wq.scale, None, 0.0)
+    assert rel_err(no_outliers, ref) > 5 * TOL[dtype]  # the outlier path changes the result
+    w_half = w.astype(dtype)
+    got_f = int8_kernels.run_llm_int8(x, wq.codes, wq.scale, None, 6.0, outlier_weight=w_half)
+    assert rel_err(got_f, _xla_llm_int8(x, wq.codes, wq.scale, 6.0, w_half)) < TOL[dtype]
+
+
+def test_custom_vmap_folds_batch_and_maps_batched_weights():
+    x = _normal(8, (3, 64, 256), "bfloat16")
+    w = _normal(9, (4, 128, 256))
+    codes, scale = jax.vmap(int8_ref.quantize_rows)(w).codes, jax.vmap(int8_ref.quantize_rows)(w).scale
+    folded = jax.vmap(lambda xi: int8_kernels.run_int8_matmul(xi, codes[0], scale[0]))(x)
+    np.testing.assert_array_equal(np.asarray(folded, np.float32),
+                                  np.asarray(int8_kernels.run_int8_matmul(x, codes[0], scale[0]), np.float32))
+    mapped = jax.vmap(lambda c, s: int8_kernels.run_int8_matmul(x[0], c, s))(codes, scale)
+    for i in range(4):
+        assert rel_err(mapped[i], _xla_int8_matmul(x[0], codes[i], scale[i], None)) < TOL["bfloat16"]
+    wq = jax.vmap(lambda wi: int8_kernels.quantize_global_transpose(wi))(w)
+    for i in range(4):
+        _assert_codes_close(wq[0][i], sb_ref.quantize_global_transpose(w[i])[0])
+
+
+# ------------------------------------------------------------------------------------------
+# The ops (and so the layers built on them): triton path vs xla path, forward and backward.
+
+
+def _op_cases():
+    cases = []
+    if hasattr(ops, "switchback_matmul"):
+        for variant in ("global", "vectorwise", "global_mem_efficient"):
+            cases.append((f"switchback_{variant}", "switchback_matmul",
+                          lambda x, w, b, backend, v=variant: ops.switchback_matmul(x, w, b, variant=v, backend=backend)))
+    if hasattr(ops, "switchback_bnb_matmul"):
+        for t in (0.0, 6.0):
+            cases.append((f"switchback_bnb_{t}", "switchback_bnb_matmul",
+                          lambda x, w, b, backend, t=t: ops.switchback_bnb_matmul(x, w, b, threshold=t, backend=backend)))
+    if hasattr(ops, "matmul_8bit_trainable"):
+        for t in (0.0, 6.0):
+            cases.append((f"matmul_8bit_trainable_{t}", "matmul_8bit",
+                          lambda x, w, b, backend, t=t: ops.matmul_8bit_trainable(x, w, b, threshold=t, backend=backend)))
+    if hasattr(ops, "matmul_8bit"):
+        for t in (0.0, 6.0):
+            cases.append((f"matmul_8bit_{t}", "matmul_8bit",
+                          lambda x, w, b, backend, t=t: ops.matmul_8bit(x, int8_ref.quantize_rows(w), b, threshold=t,
+                                                                        backend=backend)))
+    return cases or [pytest.param(None, None, None, marks=pytest.mark.skip(reason="no int8 ops on this branch"))]
+
+
+@pytest.mark.parametrize("name,op_name,fn", _op_cases())
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_op_triton_path_matches_xla_forward_and_backward(name, op_name, fn, dtype):
+    x = _normal(10, (2, 96, 512), dtype).at[0, 5, 17].set(9.0)
+    w = _normal(11, (384, 512), dtype, 0.05)
+    b = _normal(12, (384,), dtype)
+    g = _normal(13, (2, 96, 384), dtype)
+
+    def loss(x, w, b, backend):
+        return jnp.sum((fn(x, w, b, backend) * g).astype(jnp.float32))
+
+    results = {}
+    for backend in ("xla", "triton"):
+        y = jax.jit(lambda x, w, b: fn(x, w, b, backend))(x, w, b)
+        assert ops.last_path(op_name) == backend
+        grads = jax.jit(jax.grad(lambda x, w, b: loss(x, w, b, backend), argnums=(0, 1, 2)))(x, w, b)
+        results[backend] = (y,) + tuple(grads)
+    for part, got, ref in zip(("y", "dx", "dw", "db"), results["triton"], results["xla"]):
+        assert got.dtype == ref.dtype, part
+        assert rel_err(got, ref) < TOL[dtype], (name, part)
