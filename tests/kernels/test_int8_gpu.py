@@ -155,12 +155,15 @@ def test_op_triton_path_matches_xla_forward_and_backward(name, op_name, fn, dtyp
     def loss(x, w, b, backend):
         return jnp.sum((fn(x, w, b, backend) * g).astype(jnp.float32))
 
+    # The frozen int8 weight of matmul_8bit gets no gradient: differentiate x and bias only.
+    argnums = (0, 2) if name.startswith("matmul_8bit_") and "trainable" not in name else (0, 1, 2)
+    parts = ("y",) + tuple(("dx", "dw", "db")[i] for i in argnums)
     results = {}
     for backend in ("xla", "triton"):
         y = jax.jit(lambda x, w, b: fn(x, w, b, backend))(x, w, b)
         assert ops.last_path(op_name) == backend
-        grads = jax.jit(jax.grad(lambda x, w, b: loss(x, w, b, backend), argnums=(0, 1, 2)))(x, w, b)
+        grads = jax.jit(jax.grad(lambda x, w, b: loss(x, w, b, backend), argnums=argnums))(x, w, b)
         results[backend] = (y,) + tuple(grads)
-    for part, got, ref in zip(("y", "dx", "dw", "db"), results["triton"], results["xla"]):
+    for part, got, ref in zip(parts, results["triton"], results["xla"]):
         assert got.dtype == ref.dtype, part
         assert rel_err(got, ref) < TOL[dtype], (name, part)
