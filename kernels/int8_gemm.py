@@ -142,7 +142,7 @@ def gemm_config(M: int, N: int, K: int) -> dict:
     smaller tiles so the grid still fills the 132 SMs.
     """
     if M >= 2048 and N >= 2048:
-        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
     elif M >= 128:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     else:

@@ -108,12 +108,12 @@ def int8_matmul_dequant(
 
 
 @functools.lru_cache(maxsize=None)
-def _rows_fn(threshold: float):
+def _rows_fn(threshold: float, llm_int8_scale: bool):
     def launch(x, col_mask):
         M, K = x.shape
-        grid, meta = int8_quant.rows_meta(M, K, threshold=threshold)
+        grid, meta = int8_quant.rows_meta(M, K, threshold=threshold, llm_int8_scale=llm_int8_scale)
         return jt.triton_call(
-            x, col_mask, M, kernel=int8_quant.quantize_rows_kernel,
+            x, col_mask, M, kernel=int8_quant.quantize_rows_kernel, enable_fp_fusion=False,
             out_shape=(jax.ShapeDtypeStruct((M, K), jnp.int8), jax.ShapeDtypeStruct((M,), jnp.float32)),
             grid=grid, name="int8_quantize_rows", **meta,
         )
@@ -128,13 +128,15 @@ def _rows_fn(threshold: float):
 
 
 def quantize_rowwise(
-    x: jax.Array, threshold: float = 0.0, col_mask: Optional[jax.Array] = None
+    x: jax.Array, threshold: float = 0.0, col_mask: Optional[jax.Array] = None, llm_int8_scale: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """Row-wise int8 codes ``(M, K)`` and float32 row absmax ``(M,)`` of a 2-D float ``x``, one read.
 
-    With ``threshold > 0`` and ``col_mask`` (bool ``(K,)``, the columns holding any
-    ``|x| >= threshold``), outlier elements leave the row absmax and the masked columns' codes
-    are zero, matching ``qflax.quant.int8.int8_vectorwise_quant(x, threshold)``.
+    By default this is ``qflax.quant.switchback.quantize_rowwise`` (scale ``127 / absmax``). With
+    ``llm_int8_scale`` the scale is ``127 * (1 / absmax)`` and, with ``threshold > 0`` and
+    ``col_mask`` (bool ``(K,)``, the columns holding any ``|x| >= threshold``), outlier elements
+    leave the row absmax and the masked columns' codes are zero: together
+    ``qflax.quant.int8.int8_vectorwise_quant(x, threshold)``.
     """
     if threshold > 0:
         if col_mask is None:
@@ -142,7 +144,7 @@ def quantize_rowwise(
         mask = col_mask.astype(jnp.int8)
     else:
         threshold, mask = 0.0, jnp.zeros((1,), jnp.int8)
-    return _rows_fn(float(threshold))(x, mask)
+    return _rows_fn(float(threshold), bool(llm_int8_scale))(x, mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,13 +153,13 @@ def _scaled_fn(per_column: bool, transpose: bool):
         M, N = x.shape
         grid, meta = int8_quant.absmax_meta(M, N, per_column=per_column)
         absmax = jt.triton_call(
-            x, M, kernel=int8_quant.absmax_kernel,
+            x, M, kernel=int8_quant.absmax_kernel, enable_fp_fusion=False,
             out_shape=jax.ShapeDtypeStruct((N if per_column else 1,), jnp.float32),
             grid=grid, zeroed_outputs=(0,), name="int8_absmax", **meta,
         )
         grid, meta = int8_quant.scaled_meta(M, N, per_column=per_column, transpose=transpose)
         codes = jt.triton_call(
-            x, absmax, M, kernel=int8_quant.quantize_scaled_kernel,
+            x, absmax, M, kernel=int8_quant.quantize_scaled_kernel, enable_fp_fusion=False,
             out_shape=jax.ShapeDtypeStruct((N, M) if transpose else (M, N), jnp.int8),
             grid=grid, name="int8_quantize_scaled", **meta,
         )

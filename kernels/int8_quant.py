@@ -1,10 +1,12 @@
 """Fused int8 quantizers: row-wise, column-wise (optionally transposed), global (optionally transposed).
 
 All compute ``codes = rne(x * (127 / absmax))`` in float32 with the division correctly rounded
-(``div_rn``), and give an all-zero row/column/tensor scale 0 and codes 0, exactly as the XLA
+(``div_rn``) -- or, for LLM.int8, ``127 * (1 / absmax)`` as bitsandbytes does -- and give an all-zero row/column/tensor scale 0 and codes 0, exactly as the XLA
 references in ``qflax.quant.int8`` and ``qflax.quant.switchback``. Round half to even uses the
 float32 ``(y + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact for ``|y| < 2**22``; ours are <= 127),
-which behaves the same on the GPU and in Triton's interpreter.
+which behaves the same on the GPU and in Triton's interpreter. The launchers compile these
+kernels with floating-point contraction off: an FMA of ``x * scale + 1.5 * 2**23`` would skip
+the product's rounding and flip codes next to halves.
 
 Row-wise reads the float tensor once: one program holds whole rows in registers (``K`` up to
 :data:`MAX_ROW_K`). Column-wise and global scales need a reduction over the whole tensor before
@@ -23,9 +25,15 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 
 
 @triton.jit
-def _scale_from_absmax(absmax):
+def _scale_from_absmax(absmax, RECIPROCAL_SCALE: tl.constexpr = False):
     safe = tl.where(absmax == 0.0, 1.0, absmax)
-    return tl.where(absmax == 0.0, 0.0, tl.math.div_rn(tl.full(safe.shape, 127.0, tl.float32), safe))
+    if RECIPROCAL_SCALE:
+        # bitsandbytes' LLM.int8 scale: 127 * (1 / absmax), the reciprocal rounded first.
+        # Explicit float32 operands: Triton's interpreter would otherwise widen the literal.
+        scale = tl.full(safe.shape, 127.0, tl.float32) * tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+    else:
+        scale = tl.math.div_rn(tl.full(safe.shape, 127.0, tl.float32), safe)
+    return tl.where(absmax == 0.0, 0.0, scale)
 
 
 @triton.jit
@@ -44,6 +52,7 @@ def quantize_rows_kernel(
     K: tl.constexpr,
     HAS_MASK: tl.constexpr,
     THRESHOLD: tl.constexpr,
+    RECIPROCAL_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -57,7 +66,7 @@ def quantize_rows_kernel(
         # codes of every outlier column are zeroed (their products run in float instead).
         x = tl.where(tl.abs(x) >= THRESHOLD, 0.0, x)
     absmax = tl.max(tl.abs(x), axis=1)
-    codes = _round_to_int8(x * _scale_from_absmax(absmax)[:, None])
+    codes = _round_to_int8(x * _scale_from_absmax(absmax, RECIPROCAL_SCALE)[:, None])
     if HAS_MASK:
         zeroed = tl.load(col_mask_ptr + rk, mask=rk < K, other=0)
         codes = tl.where(zeroed[None, :] != 0, 0, codes).to(tl.int8)
@@ -117,10 +126,14 @@ def quantize_scaled_kernel(
         tl.store(codes_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], codes, mask=ok)
 
 
-def rows_meta(M: int, K: int, *, threshold: float = 0.0) -> tuple[tuple[int], dict]:
+def rows_meta(
+    M: int, K: int, *, threshold: float = 0.0, llm_int8_scale: bool = False
+) -> tuple[tuple[int], dict]:
     """(grid, keyword arguments) for :func:`quantize_rows_kernel`; ``K <= MAX_ROW_K``.
 
     ``threshold > 0`` turns on the LLM.int8 outlier handling (the column mask input is read).
+    ``llm_int8_scale``: scale ``127 * (1 / absmax)`` (bitsandbytes' LLM.int8, ``qflax.quant.int8``)
+    instead of the correctly rounded ``127 / absmax`` (SwitchBack, ``qflax.quant.switchback``).
     """
     if K > MAX_ROW_K:
         raise ValueError(f"K must be <= {MAX_ROW_K} for the single-pass row quantizer, got {K}")
@@ -128,7 +141,8 @@ def rows_meta(M: int, K: int, *, threshold: float = 0.0) -> tuple[tuple[int], di
     # About 4096 elements per program: several short rows, or one long row.
     block_m = max(1, min(16, 4096 // block_k))
     num_warps = 4 if block_k * block_m <= 4096 else (8 if block_k <= 16384 else 16)
-    meta = dict(K=K, HAS_MASK=threshold > 0, THRESHOLD=float(threshold), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+    meta = dict(K=K, HAS_MASK=threshold > 0, THRESHOLD=float(threshold), RECIPROCAL_SCALE=llm_int8_scale,
+                BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return (triton.cdiv(M, block_m),), meta
 
 

@@ -55,6 +55,11 @@ def quantize_rowwise(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _launch().quantize_rowwise(_rows(x))
 
 
+def quantize_rows(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Kernel twin of ``qflax.quant.int8.quantize_rows`` (LLM.int8 weight codes and SCB)."""
+    return _launch().quantize_rowwise(w, llm_int8_scale=True)
+
+
 def quantize_global(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Kernel twin of ``qflax.quant.switchback.quantize_global`` for a 2-D weight."""
     return _launch().quantize_global(w)
@@ -97,6 +102,9 @@ def run_llm_int8(
 ) -> jax.Array:
     """LLM.int8 forward: int8 product of the regular columns plus the float product of the outlier columns.
 
+    Activations are quantized as ``qflax.quant.int8.int8_vectorwise_quant`` does (scale
+    ``127 * (1 / absmax)``, outlier elements out of the row absmax, outlier columns' codes 0).
+
     The outlier columns (any ``|x| >= threshold``, found by ``qflax.quant.int8.outlier_mask``) are
     zeroed in the int8 codes and multiplied in x's precision against the int8 weight columns
     dequantized inside the GEMM kernel; the weight is never dequantized in memory.
@@ -112,12 +120,14 @@ def run_llm_int8(
     Returns:
       ``(*x.shape[:-1], N)`` in x's dtype.
     """
-    if threshold == 0:
-        return run_int8_matmul(x, w_codes, w_scale, bias)
     x2 = _rows(x)
+    if threshold == 0:
+        codes, absmax = _launch().quantize_rowwise(x2, llm_int8_scale=True)
+        out = _launch().int8_matmul_dequant(codes, w_codes, absmax, w_scale, bias, out_dtype=x.dtype)
+        return out.reshape(x.shape[:-1] + (w_codes.shape[0],))
     K = x2.shape[1]
     mask = outlier_mask(x2, threshold)
-    codes, absmax = _launch().quantize_rowwise(x2, threshold, mask)
+    codes, absmax = _launch().quantize_rowwise(x2, threshold, mask, llm_int8_scale=True)
     idx = jnp.nonzero(mask, size=K, fill_value=0)[0].astype(jnp.int32)
     count = jnp.sum(mask, dtype=jnp.int32).reshape(1)
     out = _launch().int8_matmul_dequant(codes, w_codes, absmax, w_scale, bias, out_dtype=x.dtype, x=x2,
@@ -129,7 +139,7 @@ def run_llm_int8_trainable(
     x: jax.Array, weight: jax.Array, bias: Optional[jax.Array] = None, threshold: float = 0.0
 ) -> jax.Array:
     """LLM.int8 forward with a float weight ``(N, K)`` quantized row-wise by the kernel on every call."""
-    w_codes, w_scale = _launch().quantize_rowwise(weight)
+    w_codes, w_scale = quantize_rows(weight)
     return run_llm_int8(x, w_codes, w_scale, bias, threshold)
 
 

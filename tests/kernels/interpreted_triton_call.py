@@ -33,7 +33,7 @@ def _to_numpy(t):
 
 
 def triton_call(*args, kernel, out_shape, grid, name="", zeroed_outputs=(), num_warps=None, num_stages=None,
-                **meta):
+                enable_fp_fusion=True, **meta):
     import torch
 
     single = not isinstance(out_shape, (tuple, list))

@@ -144,9 +144,9 @@ def test_gemm_outlier_columns_add_the_float_matmul(x_dtype):
     assert np.abs(int8_part - ref)[5].max() > 1.0
 
 
-def _rows(x, col_mask=None, threshold=0.0):
+def _rows(x, col_mask=None, threshold=0.0, llm_int8_scale=False):
     M, K = x.shape
-    grid, meta = int8_quant.rows_meta(M, K, threshold=threshold)
+    grid, meta = int8_quant.rows_meta(M, K, threshold=threshold, llm_int8_scale=llm_int8_scale)
     codes = torch.full((M, K), 99, dtype=torch.int8)
     absmax = torch.full((M,), float("nan"))
     mask = torch.zeros(1, dtype=torch.int8) if col_mask is None else _t(np.asarray(col_mask).astype(np.int8))
@@ -174,6 +174,23 @@ def test_quantize_rows_matches_reference(M, K, dtype):
     assert absmax[1] == 0 and not codes[1].any()
 
 
+def test_quantize_rows_llm_int8_scale_is_reciprocal_times_127():
+    # absmax values whose 127 / a and 127 * (1 / a) differ in the last bit, with x on the halves
+    # those scales produce: the two scale rules give different codes, and each kernel mode must
+    # match its own reference.
+    absmax = np.float32(1) + np.arange(1, 4000, dtype=np.float32) * np.float32(2**-12)
+    differs = (np.float32(127) / absmax) != (np.float32(127) * (np.float32(1) / absmax))
+    a = absmax[differs][:16]
+    x = np.zeros((16, 64), np.float32)
+    x[:, 0] = a
+    x[:, 1:] = (np.arange(63, dtype=np.float32) - 31.5)[None, :] * (a[:, None] / np.float32(127))
+    codes_llm, _ = _rows(x, llm_int8_scale=True)
+    codes_sb, _ = _rows(x)
+    np.testing.assert_array_equal(codes_llm, _llm_int8_rows_numpy(x, 0.0)[0])
+    np.testing.assert_array_equal(codes_sb, np.asarray(sb_ref.quantize_rowwise(jnp.asarray(x))[0]))
+    assert (codes_llm != codes_sb).any()
+
+
 def test_quantize_rows_rounds_half_to_even():
     x = _halves_matrix(3, 40)
     codes, _ = _rows(x)
@@ -182,12 +199,14 @@ def test_quantize_rows_rounds_half_to_even():
 
 
 def _llm_int8_rows_numpy(x, threshold):
-    """bitsandbytes' int8_vectorwise_quant with outliers, in numpy (SPEC §3.5): outlier elements
-    leave the row absmax and round to 0; with more than one row, outlier columns' codes are 0."""
-    is_out = np.abs(x) >= threshold
+    """bitsandbytes' int8_vectorwise_quant, in numpy (SPEC §3.5): scale ``127 * (1 / absmax)`` in
+    float32; with a threshold, outlier elements leave the row absmax and round to 0, and with more
+    than one row, outlier columns' codes are 0."""
+    is_out = np.abs(x) >= threshold if threshold > 0 else np.zeros(x.shape, bool)
     kept = np.where(is_out, np.float32(0), x.astype(np.float32))
     absmax = np.abs(kept).max(axis=1)
-    scale = np.where(absmax == 0, np.float32(0), np.float32(127) / np.where(absmax == 0, np.float32(1), absmax))
+    safe = np.where(absmax == 0, np.float32(1), absmax)
+    scale = np.where(absmax == 0, np.float32(0), np.float32(127) * (np.float32(1) / safe))
     codes = np.clip(np.rint(kept * scale[:, None]), -127, 127).astype(np.int8)
     mask = is_out.any(axis=0)
     if x.shape[0] > 1:
@@ -203,7 +222,7 @@ def test_quantize_rows_with_outliers_matches_llm_int8_semantics(M):
     x[M - 1, 7] = 5.0  # the largest kept value of its row
     codes_ref, stats_ref, mask = _llm_int8_rows_numpy(x, 6.0)
     np.testing.assert_array_equal(np.asarray(int8_ref.outlier_mask(jnp.asarray(x), 6.0)), mask)
-    codes, absmax = _rows(x, mask, threshold=6.0)
+    codes, absmax = _rows(x, mask, threshold=6.0, llm_int8_scale=True)
     np.testing.assert_array_equal(codes, codes_ref)
     np.testing.assert_array_equal(absmax, stats_ref)
     assert not codes[:, [4, 31]].any() and absmax[M - 1] == 5.0

@@ -85,9 +85,9 @@ def test_run_llm_int8_outliers_under_jit():
     assert list(np.nonzero(mask)[0]) == [5, 66]
     # Independent float64 reference of the decomposition: int8 part (bitsandbytes' rules) + float outliers.
     xn = np.asarray(x, np.float64)
-    kept = np.where(np.abs(xn) >= 6.0, 0.0, xn)
+    kept = np.where(np.abs(xn) >= 6.0, 0.0, xn).astype(np.float32)
     absmax = np.abs(kept).max(axis=1)
-    codes = np.rint(kept * (127 / absmax)[:, None])
+    codes = np.rint(kept * (np.float32(127) * (np.float32(1) / absmax))[:, None]).astype(np.float64)
     codes[:, mask] = 0
     w_deq = np.asarray(wq.codes, np.float64) * np.asarray(wq.scale, np.float64)[:, None] / 127
     ref = (codes * absmax[:, None] / 127) @ w_deq.T + xn[:, mask] @ w_deq[:, mask].T
