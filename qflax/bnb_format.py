@@ -6,7 +6,7 @@ statistics and the packed-JSON ``quant_state.bitsandbytes__<type>`` entry, byte 
 and ``from_bnb_state_dict`` reads them back. 8-bit: ``to_bnb_int8_state_dict`` /
 ``from_bnb_int8_state_dict`` handle ``weight`` (int8), ``SCB`` and ``weight_format``.
 
-Values may be numpy arrays, jax arrays or CPU torch tensors; results are numpy arrays.
+Values may be numpy arrays, jax arrays or CPU torch tensors; results are fresh, writable numpy arrays.
 """
 
 import json
@@ -67,13 +67,13 @@ def to_bnb_state_dict(q: Packed4bit, prefix: str = "weight") -> dict[str, np.nda
       as numpy arrays with bitsandbytes' dtypes and shapes.
     """
     out = {
-        prefix: np.asarray(q.packed, dtype=np.uint8),
-        f"{prefix}.absmax": np.asarray(q.absmax),
-        f"{prefix}.quant_map": np.asarray(q.quant_map, dtype=np.float32),
+        prefix: np.array(q.packed, dtype=np.uint8),
+        f"{prefix}.absmax": np.array(q.absmax),
+        f"{prefix}.quant_map": np.array(q.quant_map, dtype=np.float32),
     }
     if q.nested:
-        out[f"{prefix}.nested_absmax"] = np.asarray(q.nested_absmax, dtype=np.float32)
-        out[f"{prefix}.nested_quant_map"] = np.asarray(q.nested_quant_map, dtype=np.float32)
+        out[f"{prefix}.nested_absmax"] = np.array(q.nested_absmax, dtype=np.float32)
+        out[f"{prefix}.nested_quant_map"] = np.array(q.nested_quant_map, dtype=np.float32)
     out[f"{prefix}.{QUANT_STATE_KEY}{q.quant_type}"] = np.frombuffer(quant_state_json(q), dtype=np.uint8).copy()
     return out
 
@@ -189,8 +189,8 @@ def to_bnb_int8_state_dict(q: Int8Rows, module_prefix: str = "") -> dict[str, np
       A dict of numpy arrays (``weight_format`` is a 0-dim uint8 array holding 0, "row").
     """
     return {
-        f"{module_prefix}weight": np.asarray(q.codes, dtype=np.int8),
-        f"{module_prefix}SCB": np.asarray(q.scale, dtype=np.float32),
+        f"{module_prefix}weight": np.array(q.codes, dtype=np.int8),
+        f"{module_prefix}SCB": np.array(q.scale, dtype=np.float32),
         f"{module_prefix}weight_format": np.array(0, dtype=np.uint8),
     }
 

@@ -4,6 +4,7 @@ Used on its own (``quantize_blockwise``) and for double quantization of 4-bit ab
 statistics (``compress_statistics=True``, SPEC §3.1 step 9).
 """
 
+import functools
 from typing import Optional
 
 import jax
@@ -121,6 +122,12 @@ def quantize_blockwise(
     code = jnp.asarray(codebooks.DYNAMIC_MAP if code is None else code, dtype=jnp.float32)
     if code.shape != (256,):
         raise ValueError(f"code must have shape (256,), got {tuple(code.shape)}")
+    return _quantize_blockwise(x, code, blocksize)
+
+
+# Jitted for eager calls too, so eager and jitted results agree bit for bit (see fourbit.py).
+@functools.partial(jax.jit, static_argnums=(2,))
+def _quantize_blockwise(x: jax.Array, code: jax.Array, blocksize: int) -> Blockwise8bit:
     codes, absmax = quantize_flat(x.reshape(-1), code, blocksize)
     return Blockwise8bit(
         codes=codes.reshape(x.shape),
@@ -132,6 +139,7 @@ def quantize_blockwise(
     )
 
 
+@jax.jit
 def dequantize_blockwise(q: Blockwise8bit) -> jax.Array:
     """Reconstructs the tensor of a :class:`Blockwise8bit` in its original shape and dtype."""
     values = dequantize_flat(q.codes, q.absmax, q.code, q.blocksize)

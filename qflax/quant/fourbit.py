@@ -14,6 +14,8 @@ double quantization the statistics of the non-finite block are excluded from the
 offset, so other blocks stay exact too, and the bad block decodes to garbage.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,8 @@ from flax import struct
 from qflax.quant import blockwise, codebooks, packing, validation
 
 NESTED_BLOCKSIZE = 256
+# The code whose table value is exactly 0.0.
+ZERO_CODE = {"nf4": 7, "fp4": 0}
 
 
 @struct.dataclass
@@ -121,14 +125,24 @@ def quantize_4bit(
     _validate(blocksize, quant_type)
     x = validation.check_float_array(x)
     validation.check_finite_if_concrete(x)
+    return _quantize_4bit(x, blocksize, quant_type, bool(compress_statistics))
+
+
+# Jitted even for eager calls: XLA contracts multiply-adds into FMAs when it compiles, so an
+# eager op-by-op run would differ from a jitted one in the last bit.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_4bit(x: jax.Array, blocksize: int, quant_type: str, compress_statistics: bool) -> Packed4bit:
     n = x.size
     blocks = blockwise.pad_to_blocks(x.reshape(-1).astype(jnp.float32), blocksize)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     # Reciprocal first, then multiply: the CUDA kernel's order, needed for identical codes.
     scaled = blocks * (jnp.float32(1) / absmax)[:, None]
     codes = encode_nf4(scaled) if quant_type == "nf4" else encode_fp4(scaled)
-    # An all-zero block gives 0 * inf = NaN in CUDA, which its decision tree maps to code 0.
-    codes = jnp.where((absmax == 0)[:, None], jnp.uint8(0), codes)
+    # An all-zero block gets the code of 0.0 (NF4 7, FP4 0), so it decodes to exact zeros even
+    # when its absmax comes back from double quantization slightly off zero. (bitsandbytes'
+    # CUDA kernel computes 0 * inf = NaN there and emits code 0, which is -1.0 in NF4.)
+    zero_code = jnp.uint8(ZERO_CODE[quant_type])
+    codes = jnp.where((absmax == 0)[:, None], zero_code, codes)
     codes = codes.reshape(-1)[: n + n % 2]
     packed = packing.pack_nibbles(codes).reshape(-1, 1)
     common = dict(
@@ -147,7 +161,12 @@ def quantize_4bit(
 def _double_quantize(absmax: jax.Array) -> dict:
     """Statistics of SPEC §3.1 step 9: 8-bit codes of absmax - mean(absmax), blocks of 256."""
     finite = jnp.isfinite(absmax)
-    offset = jnp.sum(jnp.where(finite, absmax, 0)) / jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32)
+    kept = jnp.where(finite, absmax, 0)
+    # Two-pass mean (the second pass sums the residuals), so the float32 offset is correctly
+    # rounded in practice whatever order the backend sums in.
+    rough = jnp.sum(kept) / count
+    offset = rough + jnp.sum(jnp.where(finite, kept - rough, 0)) / count
     nested_map = jnp.asarray(codebooks.DYNAMIC_MAP)
     centred = jnp.where(finite, absmax - offset, 0)
     codes, nested_absmax = blockwise.quantize_flat(centred, nested_map, NESTED_BLOCKSIZE)
@@ -179,6 +198,7 @@ def unpack_codes(q: Packed4bit) -> jax.Array:
     return packing.unpack_nibbles(q.packed)[: q.size]
 
 
+@jax.jit
 def dequantize_4bit(q: Packed4bit) -> jax.Array:
     """Reconstructs the tensor of a :class:`Packed4bit` in its original shape and dtype.
 

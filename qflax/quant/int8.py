@@ -86,12 +86,13 @@ def int8_vectorwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     mask = outlier_mask(x2, threshold)
     if threshold > 0:
-        is_outlier = jnp.abs(x2) >= threshold
-        x2 = jnp.where(is_outlier, jnp.float32(0), x2)
-        if x2.shape[0] > 1:
-            x2 = jnp.where(mask[None, :], jnp.float32(0), x2)
+        x2 = jnp.where(jnp.abs(x2) >= threshold, jnp.float32(0), x2)
+    # The row absmax leaves out only the outlier elements; whole outlier columns are zeroed
+    # in the codes afterwards (bitsandbytes' order, which gives its exact row_stats).
     row_stats = jnp.max(jnp.abs(x2), axis=1)
     codes = round_to_int8(x2 * scale_factor(row_stats)[:, None])
+    if threshold > 0 and x2.shape[0] > 1:
+        codes = jnp.where(mask[None, :], jnp.int8(0), codes)
     return codes, row_stats, mask
 
 
