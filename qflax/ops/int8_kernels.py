@@ -75,6 +75,21 @@ def quantize_columnwise_and_transpose(w: jax.Array) -> tuple[jax.Array, jax.Arra
     return _launch().quantize_columnwise_and_transpose(w)
 
 
+def run_int8_gemm(
+    a_codes: jax.Array, a_scale: jax.Array, b_codes: jax.Array, b_scale: jax.Array,
+    bias: Optional[jax.Array] = None, out_dtype=jnp.float32,
+) -> jax.Array:
+    """``(a @ b.T) * a_scale * b_scale / 127² (+ bias)`` in ``out_dtype`` from already quantized operands.
+
+    Args:
+      a_codes: int8 ``(M, K)``; a_scale: float32 ``(M,)`` row absmax.
+      b_codes: int8 ``(N, K)``; b_scale: float32 ``(N,)`` row absmax or ``(1,)`` global absmax.
+      bias: optional ``(N,)``, added in float32 before the cast.
+      out_dtype: output dtype.
+    """
+    return _launch().int8_matmul_dequant(a_codes, b_codes, a_scale, b_scale, bias, out_dtype=out_dtype)
+
+
 def run_int8_matmul(
     x: jax.Array, w_codes: jax.Array, w_scale: jax.Array, bias: Optional[jax.Array] = None
 ) -> jax.Array:

@@ -154,6 +154,9 @@ def _op_cases():
             cases.append((f"switchback_{variant}", "switchback_matmul",
                           lambda x, w, b, backend, v=variant: ops.switchback_matmul(x, w, b, variant=v, backend=backend)))
     if hasattr(ops, "switchback_bnb_matmul"):
+        cases.append(("switchback_prepared", "switchback_matmul_prepared",
+                      lambda x, w, b, backend: ops.switchback_matmul_prepared(
+                          x, *sb_ref.quantize_global(w), b, variant="global", backend=backend)))
         for t in (0.0, 6.0):
             cases.append((f"switchback_bnb_{t}", "switchback_bnb_matmul",
                           lambda x, w, b, backend, t=t: ops.switchback_bnb_matmul(x, w, b, threshold=t, backend=backend)))
@@ -182,12 +185,14 @@ def test_op_triton_path_matches_xla_forward_and_backward(name, op_name, fn, dtyp
 
     # The frozen int8 weight of matmul_8bit gets no gradient: differentiate x and bias only.
     argnums = (0, 2) if name.startswith("matmul_8bit_") and "trainable" not in name else (0, 1, 2)
+    if name == "switchback_prepared":
+        argnums = ()  # inference only: no custom_vjp, and the kernels have no autodiff
     parts = ("y",) + tuple(("dx", "dw", "db")[i] for i in argnums)
     results = {}
     for backend in ("xla", "triton"):
         y = jax.jit(lambda x, w, b: fn(x, w, b, backend))(x, w, b)
         assert ops.last_path(op_name) == backend
-        grads = jax.jit(jax.grad(lambda x, w, b: loss(x, w, b, backend), argnums=argnums))(x, w, b)
+        grads = jax.jit(jax.grad(lambda x, w, b: loss(x, w, b, backend), argnums=argnums))(x, w, b) if argnums else ()
         results[backend] = (y,) + tuple(grads)
     for part, got, ref in zip(parts, results["triton"], results["xla"]):
         assert got.dtype == ref.dtype, part

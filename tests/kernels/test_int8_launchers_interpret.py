@@ -92,3 +92,56 @@ def test_run_llm_int8_outliers_under_jit():
     w_deq = np.asarray(wq.codes, np.float64) * np.asarray(wq.scale, np.float64)[:, None] / 127
     ref = (codes * absmax[:, None] / 127) @ w_deq.T + xn[:, mask] @ w_deq[:, mask].T
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# The ops' "triton" path (kernels in the interpreter) vs their XLA path, forward and backward.
+
+
+def _op_cases():
+    import qflax.ops as ops
+
+    cases = []
+    if hasattr(ops, "switchback_matmul"):
+        for variant in ("global", "vectorwise", "global_mem_efficient"):
+            cases.append((f"switchback_{variant}", "switchback_matmul", (0, 1, 2),
+                          lambda x, w, b, backend, v=variant: ops.switchback_matmul(x, w, b, variant=v, backend=backend)))
+        # Inference only (no custom_vjp; the kernels have no autodiff): forward compared.
+        cases.append(("switchback_prepared", "switchback_matmul_prepared", (),
+                      lambda x, w, b, backend: ops.switchback_matmul_prepared(
+                          x, *sb_ref.quantize_rowwise(w), b, variant="vectorwise", backend=backend)))
+    if hasattr(ops, "switchback_bnb_matmul"):
+        cases.append(("switchback_bnb_6", "switchback_bnb_matmul", (0, 1, 2),
+                      lambda x, w, b, backend: ops.switchback_bnb_matmul(x, w, b, threshold=6.0, backend=backend)))
+    if hasattr(ops, "matmul_8bit_trainable"):
+        cases.append(("matmul_8bit_trainable_6", "matmul_8bit", (0, 1, 2),
+                      lambda x, w, b, backend: ops.matmul_8bit_trainable(x, w, b, threshold=6.0, backend=backend)))
+    if hasattr(ops, "matmul_8bit"):
+        cases.append(("matmul_8bit_6", "matmul_8bit", (0, 2),
+                      lambda x, w, b, backend: ops.matmul_8bit(x, int8_ref.quantize_rows(w), b, threshold=6.0,
+                                                               backend=backend)))
+    return cases
+
+
+@pytest.mark.parametrize("name,op_name,argnums,fn", _op_cases())
+def test_op_triton_path_matches_xla_path(monkeypatch, name, op_name, argnums, fn):
+    import qflax.ops as ops
+    from qflax.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    x = _x((2, 9, 70), "float16", seed=8).at[1, 3, 12].set(8.0)
+    w = _x((40, 70), "float16", seed=9) * 0.1
+    b = _x((40,), "float16", seed=10)
+    g = _x((2, 9, 40), "float16", seed=11)
+    results = {}
+    for backend in ("xla", "triton"):
+        y = fn(x, w, b, backend)
+        assert ops.last_path(op_name) == backend
+        grads = ()
+        if argnums:
+            grads = jax.grad(lambda *a: jnp.sum((fn(*a, backend) * g).astype(jnp.float32)), argnums=argnums)(x, w, b)
+        results[backend] = (y,) + tuple(grads)
+    for got, ref in zip(results["triton"], results["xla"]):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+        assert np.linalg.norm(got - ref) <= 5e-3 * np.linalg.norm(ref), name
