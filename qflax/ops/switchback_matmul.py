@@ -327,6 +327,8 @@ def switchback_matmul_prepared(
             f"{tuple(x.shape)} and w_codes shape {tuple(w_codes.shape)}"
         )
     _check_bias(bias, out_features, "switchback_matmul_prepared")
+    # Inference only on the Triton path: the kernels have no autodiff rules (on the XLA path the
+    # gradient through the activation quantizer is zero almost everywhere anyway).
     path = _choose("switchback_matmul_prepared", backend, x, w_codes.shape)
 
     def run(x2):
@@ -334,6 +336,7 @@ def switchback_matmul_prepared(
         return _int8_linear(x_codes, x_scale, w_codes, w_scale, bias, x2.dtype, path)
 
     return _apply_2d(run, x)
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def test_op_triton_path_matches_xla_forward_and_backward(name, op_name, fn, dtyp
     # The frozen int8 weight of matmul_8bit gets no gradient: differentiate x and bias only.
     argnums = (0, 2) if name.startswith("matmul_8bit_") and "trainable" not in name else (0, 1, 2)
     if name == "switchback_prepared":
-        argnums = ()  # inference only: no custom_vjp, and the kernels have no autodiff
+        argnums = ()  # inference only: the kernels have no autodiff rules
     parts = ("y",) + tuple(("dx", "dw", "db")[i] for i in argnums)
     results = {}
     for backend in ("xla", "triton"):

@@ -106,7 +106,7 @@ def _op_cases():
         for variant in ("global", "vectorwise", "global_mem_efficient"):
             cases.append((f"switchback_{variant}", "switchback_matmul", (0, 1, 2),
                           lambda x, w, b, backend, v=variant: ops.switchback_matmul(x, w, b, variant=v, backend=backend)))
-        # Inference only (no custom_vjp; the kernels have no autodiff): forward compared.
+        # Inference only (the kernels have no autodiff rules): forward compared.
         cases.append(("switchback_prepared", "switchback_matmul_prepared", (),
                       lambda x, w, b, backend: ops.switchback_matmul_prepared(
                           x, *sb_ref.quantize_rowwise(w), b, variant="vectorwise", backend=backend)))
