@@ -197,3 +197,37 @@ def test_op_triton_path_matches_xla_forward_and_backward(name, op_name, fn, dtyp
     for part, got, ref in zip(parts, results["triton"], results["xla"]):
         assert got.dtype == ref.dtype, part
         assert rel_err(got, ref) < TOL[dtype], (name, part)
+
+
+def _layer_cases():
+    import qflax.linen as qnn
+
+    names = [("SwitchBackDense", {}), ("SwitchBackDenseGlobal", {}), ("SwitchBackDenseVectorwise", {}),
+             ("SwitchBackDenseGlobalMemEfficient", {}), ("SwitchBackDenseBnb", {"threshold": 6.0}),
+             ("Dense8bitLt", {"threshold": 6.0}), ("Dense8bitLt", {"threshold": 6.0, "has_fp16_weights": True}),
+             ("Dense8bitLt", {"threshold": 0.0})]
+    cases = [pytest.param(getattr(qnn, n), kw, id=f"{n}-{kw}") for n, kw in names if hasattr(qnn, n)]
+    return cases or [pytest.param(None, None, marks=pytest.mark.skip(reason="no int8 layers on this branch"))]
+
+
+@pytest.mark.parametrize("layer_cls,kwargs", _layer_cases())
+def test_layer_triton_path_matches_xla_forward_and_backward(layer_cls, kwargs):
+    layer = layer_cls(192, **kwargs)
+    x = _normal(20, (2, 64, 256), "bfloat16").at[1, 7, 33].set(8.0)
+    g = _normal(21, (2, 64, 192), "bfloat16")
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(params, x):
+        return jnp.sum((layer.apply({"params": params, **rest}, x) * g).astype(jnp.float32))
+
+    results = {}
+    for backend in ("xla", "triton"):
+        with ops.use_backend(backend):
+            y = jax.jit(lambda p, x: layer.apply({"params": p, **rest}, x))(params, x)
+            grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+        results[backend] = [y] + jax.tree.leaves(grads)
+    for got, ref in zip(results["triton"], results["xla"]):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        assert rel_err(got, ref) < TOL["bfloat16"]
