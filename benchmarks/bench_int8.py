@@ -167,7 +167,7 @@ GEMM_SWEEP = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=16, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, num_ctas=2),
 ]
 
 
@@ -234,18 +234,30 @@ def bench_llm_int8(res: Results, shapes, dtypes, bnb: bool, batch_sizes=(2048, 4
                for i in range(L)]
         for M in batch_sizes:
             for dtype in dtypes:
+                # One input per layer (as in a model): identical inputs would let XLA merge the L
+                # activation quantizations (custom calls without side effects are CSE'd).
+                xs = [planted_activations(M, K, dtype, seed=i)[0] for i in range(L)]
                 x, cols = planted_activations(M, K, dtype)
                 base, kind = bf16_baselines(M, K, N, dtype, L)
+                breakdown = {}
+                if dtype == "bfloat16":
+                    # Where the time goes: the row quantizer alone and the GEMM alone (pre-quantized x).
+                    fq = jax.jit(lambda xs: [int8_launch.quantize_rowwise(xi, llm_int8_scale=True) for xi in xs])
+                    breakdown["row_quantizer_us"] = round(time_jax(fq, xs) / L * 1e6, 2)
+                    codes, absmax = int8_launch.quantize_rowwise(x, llm_int8_scale=True)
+                    fg = jax.jit(lambda c, a, ws: [int8_launch.int8_matmul_dequant(c, w.codes, a, w.scale,
+                                                                                   out_dtype=dtype) for w in ws])
+                    breakdown["gemm_only_us"] = round(time_jax(fg, codes, absmax, wqs) / L * 1e6, 2)
                 for threshold in (6.0, 0.0):
                     fn, name = llm_int8_fn(threshold)
-                    f = jax.jit(lambda x, ws: [fn(x, w, None) for w in ws])
-                    t = time_jax(f, x, wqs) / L
+                    f = jax.jit(lambda xs, ws: [fn(xi, w, None) for xi, w in zip(xs, ws)])
+                    t = time_jax(f, xs, wqs) / L
                     path = ops.last_path("matmul_8bit") or "triton"
                     extra = {}
                     if bnb and dtype == "float16":
                         extra = bnb_linear8bitlt(x, K, N, threshold, L)
                     res.add("llm_int8_forward", f"int8 threshold={threshold}", M, K, N, dtype, t, base,
-                            f"{path} ({name})", layers=L, outlier_cols=len(cols), xla_bf16_gemm=kind, **extra)
+                            f"{path} ({name})", layers=L, outlier_cols=len(cols), xla_bf16_gemm=kind, **breakdown, **extra)
 
 
 def bnb_linear8bitlt(x_jax, K, N, threshold, L):
@@ -315,15 +327,16 @@ def switchback_fn(variant):
 def bench_switchback(res: Results, tokens, dim, dtype, variants, torch_baseline=True):
     for K, N in ((dim, 4 * dim), (4 * dim, dim)):
         L = 2
-        x = jax.random.normal(jax.random.PRNGKey(1), (tokens, K), jnp.float32).astype(dtype)
-        g = jax.random.normal(jax.random.PRNGKey(2), (tokens, N), jnp.float32).astype(dtype)
+        # One x and one G per layer: shared ones would let XLA merge their quantizations across layers.
+        xs = [jax.random.normal(jax.random.PRNGKey(1 + i), (tokens, K), jnp.float32).astype(dtype) for i in range(L)]
+        gs = [jax.random.normal(jax.random.PRNGKey(20 + i), (tokens, N), jnp.float32).astype(dtype) for i in range(L)]
         ws = [(jax.random.normal(jax.random.PRNGKey(10 + i), (N, K), jnp.float32) * 0.02).astype(dtype) for i in range(L)]
         bs = [jnp.zeros((N,), dtype) for _ in range(L)]
 
         def fwd_bwd(fn):
-            def run(x, g, ws, bs):
+            def run(xs, gs, ws, bs):
                 outs = []
-                for w, b in zip(ws, bs):
+                for x, g, w, b in zip(xs, gs, ws, bs):
                     y, vjp = jax.vjp(fn, x, w, b)
                     outs.append((y,) + vjp(g))
                 return outs
@@ -332,26 +345,26 @@ def bench_switchback(res: Results, tokens, dim, dtype, variants, torch_baseline=
         def dense(x, w, b):
             return (jnp.matmul(x, w.T, preferred_element_type=jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
 
-        base = {"xla_dot": time_jax(fwd_bwd(dense), x, g, ws, bs, reps=7) / L}
+        base = {"xla_dot": time_jax(fwd_bwd(dense), xs, gs, ws, bs, reps=7) / L}
         if torch_baseline:
             import torch
             import torch.nn.functional as F
 
-            tx, tg = to_torch(x), to_torch(g)
+            txs, tgs = [to_torch(x) for x in xs], [to_torch(g) for g in gs]
             tws = [to_torch(w) for w in ws]
             tbs = [to_torch(b) for b in bs]
             keep = [None] * L
 
             def step():
-                for i, (w, b) in enumerate(zip(tws, tbs)):
+                for i, (tx, tg, w, b) in enumerate(zip(txs, tgs, tws, tbs)):
                     y = F.linear(tx, w, b)
                     keep[i] = (y, tg @ w, tg.t() @ tx, tg.sum(0))
 
             base["torch_linear_graph"] = time_torch(step, reps=7)[0] / L
-            del tx, tg, tws, tbs, keep
+            del txs, tgs, tws, tbs, keep
         for variant in variants:
             fn, origin = switchback_fn(variant)
-            t = time_jax(fwd_bwd(fn), x, g, ws, bs, reps=7) / L
+            t = time_jax(fwd_bwd(fn), xs, gs, ws, bs, reps=7) / L
             path = ops.last_path("switchback_matmul") if origin == "qflax.ops" else "triton"
             res.add("switchback_fwd_bwd", f"switchback {variant}", tokens, K, N, dtype, t, base,
                     f"{path} ({origin})", layers=L)

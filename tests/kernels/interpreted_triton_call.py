@@ -8,11 +8,17 @@ for that import, so nothing else in the test session sees a fake ``jax_triton``.
 
 import contextlib
 import sys
+import threading
 import types
 
 import jax
 import ml_dtypes
 import numpy as np
+
+
+# Triton's interpreter keeps the grid of the running launch in global state, and XLA may run
+# independent callbacks on several threads: one launch at a time.
+_LAUNCH_LOCK = threading.Lock()
 
 
 def _to_torch(a):
@@ -52,7 +58,8 @@ def triton_call(*args, kernel, out_shape, grid, name="", zeroed_outputs=(), num_
             else:  # poisoned, so an unwritten element shows
                 outs.append(torch.full(s.shape, 77 if not dtype.is_floating_point else float("nan"), dtype=dtype))
         g = grid(meta) if callable(grid) else grid
-        kernel[tuple(g) if isinstance(g, (tuple, list)) else (g,)](*call_args, *outs, **meta)
+        with _LAUNCH_LOCK:
+            kernel[tuple(g) if isinstance(g, (tuple, list)) else (g,)](*call_args, *outs, **meta)
         return tuple(_to_numpy(o) for o in outs)
 
     result = jax.pure_callback(host, tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes), *arrays)
