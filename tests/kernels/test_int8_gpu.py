@@ -64,7 +64,7 @@ def _xla_int8_matmul(x, w_codes, w_scale, bias):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("scale_kind", ["vectorwise", "global"])
-@pytest.mark.parametrize("shape", [((2, 150), 1000, 520), ((2048,), 2048, 2048), ((300,), 4096, 384)])
+@pytest.mark.parametrize("shape", [((2, 150), 1000, 520), ((2048,), 2048, 2048), ((300,), 4096, 384), ((1,), 512, 256)])
 def test_int8_matmul_matches_reference(dtype, scale_kind, shape):
     lead, K, N = shape
     x = _normal(3, lead + (K,), dtype)
