@@ -3,7 +3,7 @@
 ``import qflax`` needs neither torch nor triton.
 """
 
-from qflax import bnb_format, ops, quant
+from qflax import bnb_format, linen, ops, quant
 
 __version__ = "0.1.0"
-__all__ = ["bnb_format", "ops", "quant", "__version__"]
+__all__ = ["bnb_format", "linen", "ops", "quant", "__version__"]

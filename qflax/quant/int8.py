@@ -1,7 +1,7 @@
 """LLM.int8 primitives (SPEC §3.5): row/column int8 quantization with outliers, int8 matmul, dequant.
 
-Rounding is round-half-to-even of ``x * (127 / absmax)`` computed in float32, as
-bitsandbytes' CUDA and CPU kernels do. An all-zero row (or column) has scale 0 and codes 0,
+Rounding is round-half-to-even of ``x * (127 * (1 / absmax))`` computed in float32, as
+bitsandbytes' CUDA and CPU kernels do (see :func:`llm_int8_scale_factor`). An all-zero row (or column) has scale 0 and codes 0,
 never NaN. Outliers are reported as a boolean column mask, because a data-dependent list
 of indices has no static shape under ``jax.jit``; ``outlier_columns`` turns a concrete
 mask into bitsandbytes' sorted index list.
@@ -50,6 +50,20 @@ def scale_factor(absmax: jax.Array) -> jax.Array:
     return jnp.where(absmax == 0, jnp.float32(0), jnp.float32(127) / safe)
 
 
+def llm_int8_scale_factor(absmax: jax.Array) -> jax.Array:
+    """``127 * (1 / absmax)`` in float32, 0 where absmax is 0: bitsandbytes' LLM.int8 quantizer scale.
+
+    Rounding the reciprocal first matters for exact codes: torch evaluates bitsandbytes' CPU
+    expression ``127.0 / row_stats`` as ``127 * reciprocal(row_stats)`` (CUDA's
+    ``__fdividef(127, absmax)`` is the same product), which differs from the correctly
+    rounded ``127 / absmax`` in the last bit for about a quarter of the values and flips
+    codes at exact halves.
+    """
+    absmax = absmax.astype(jnp.float32)
+    safe = jnp.where(absmax == 0, jnp.float32(1), absmax)
+    return jnp.where(absmax == 0, jnp.float32(0), jnp.float32(127) * (jnp.float32(1) / safe))
+
+
 def outlier_mask(x: jax.Array, threshold: float) -> jax.Array:
     """Boolean ``(cols,)`` mask of the columns of a 2-D ``x`` holding any ``|x| >= threshold``.
 
@@ -70,8 +84,9 @@ def int8_vectorwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
     """Row-wise int8 quantization with optional outlier columns (bitsandbytes' int8_vectorwise_quant).
 
     With ``threshold > 0``, elements with ``|x| >= threshold`` are left out of their row's
-    absmax and quantized to 0; when there is more than one row, every column holding such
-    an element is zeroed entirely (those columns go through the float path instead).
+    absmax and quantized to 0; when there is more than one row, the codes of every column
+    holding such an element are zeroed entirely (those columns go through the float path
+    instead). The column's other values still count towards their rows' absmax.
 
     Args:
       x: float array; all leading dimensions are flattened into rows.
@@ -87,10 +102,10 @@ def int8_vectorwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
     mask = outlier_mask(x2, threshold)
     if threshold > 0:
         x2 = jnp.where(jnp.abs(x2) >= threshold, jnp.float32(0), x2)
-    # The row absmax leaves out only the outlier elements; whole outlier columns are zeroed
-    # in the codes afterwards (bitsandbytes' order, which gives its exact row_stats).
+    # The row absmax leaves out only the outlier elements themselves: the other values of an
+    # outlier column still count, as in bitsandbytes, and the column is zeroed after rounding.
     row_stats = jnp.max(jnp.abs(x2), axis=1)
-    codes = round_to_int8(x2 * scale_factor(row_stats)[:, None])
+    codes = round_to_int8(x2 * llm_int8_scale_factor(row_stats)[:, None])
     if threshold > 0 and x2.shape[0] > 1:
         codes = jnp.where(mask[None, :], jnp.int8(0), codes)
     return codes, row_stats, mask
@@ -124,7 +139,7 @@ def int8_columnwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
     if threshold > 0:
         x2 = jnp.where(jnp.abs(x2) >= threshold, jnp.float32(0), x2)
     col_stats = jnp.max(jnp.abs(x2), axis=0)
-    return round_to_int8(x2 * scale_factor(col_stats)[None, :]), col_stats
+    return round_to_int8(x2 * llm_int8_scale_factor(col_stats)[None, :]), col_stats
 
 
 def int8_vectorwise_dequant(codes: jax.Array, stats: jax.Array) -> jax.Array:
