@@ -41,7 +41,7 @@ def layers_for(bytes_per_weight: int) -> int:
     return max(2, math.ceil(CACHE_DEFEAT_BYTES / bytes_per_weight))
 
 
-def time_jax(fn, *args, reps=15):
+def time_jax(fn, *args, reps=10):
     """Median wall time (s) of ``fn(*args)`` after a warm-up, synchronizing each call."""
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
@@ -53,7 +53,7 @@ def time_jax(fn, *args, reps=15):
     return statistics.median(times)
 
 
-def time_torch(step, reps=15, graph=True):
+def time_torch(step, reps=10, graph=True):
     """Median time (s) of ``step()`` on the GPU, replayed from a CUDA graph when it can be captured."""
     import torch
 
@@ -345,7 +345,7 @@ def bench_switchback(res: Results, tokens, dim, dtype, variants, torch_baseline=
         def dense(x, w, b):
             return (jnp.matmul(x, w.T, preferred_element_type=jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
 
-        base = {"xla_dot": time_jax(fwd_bwd(dense), xs, gs, ws, bs, reps=7) / L}
+        base = {"xla_dot": time_jax(fwd_bwd(dense), xs, gs, ws, bs, reps=5) / L}
         if torch_baseline:
             import torch
             import torch.nn.functional as F
@@ -360,11 +360,11 @@ def bench_switchback(res: Results, tokens, dim, dtype, variants, torch_baseline=
                     y = F.linear(tx, w, b)
                     keep[i] = (y, tg @ w, tg.t() @ tx, tg.sum(0))
 
-            base["torch_linear_graph"] = time_torch(step, reps=7)[0] / L
+            base["torch_linear_graph"] = time_torch(step, reps=5)[0] / L
             del txs, tgs, tws, tbs, keep
         for variant in variants:
             fn, origin = switchback_fn(variant)
-            t = time_jax(fwd_bwd(fn), xs, gs, ws, bs, reps=7) / L
+            t = time_jax(fwd_bwd(fn), xs, gs, ws, bs, reps=5) / L
             path = ops.last_path("switchback_matmul") if origin == "qflax.ops" else "triton"
             res.add("switchback_fwd_bwd", f"switchback {variant}", tokens, K, N, dtype, t, base,
                     f"{path} ({origin})", layers=L)
