@@ -403,20 +403,23 @@ def main():
                          "bf16 baseline = faster of XLA dot and torch F.linear in a CUDA graph")
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-")
-    path = os.path.join(args.out, f"int8-{slug}-{date.strftime('%Y-%m-%d')}.json")
+    # A partial run (--parts) gets its own name, so it never overwrites a full run's file.
+    name = "int8" if parts >= {"gemm", "llm", "switchback", "bnb"} else "int8_" + "_".join(sorted(parts))
+    path = os.path.join(args.out, f"{name}-{slug}-{date.strftime('%Y-%m-%d')}.json")
     res = Results(path, header)
     if "gemm" in parts:
         dims = (4096, 8192)
         sizes = [(m, n, k) for m in dims for n in dims for k in dims] if args.gemm_sizes == "all" else \
             [(8192, 8192, 8192), (4096, 4096, 4096)]
         bench_gemm(res, sizes, args.sweep)
+    # SwitchBack before LLM.int8: the layer target should survive a cut-off run.
+    if "switchback" in parts:
+        bench_switchback(res, 32768, 4096, "bfloat16", args.variants.split(","))
     if "llm" in parts:
         if args.quick:
             bench_llm_int8(res, [(4096, 4096)], ["bfloat16", "float16"], "bnb" in parts, batch_sizes=(2048,))
         else:
             bench_llm_int8(res, [(4096, 4096), (4096, 14336)], ["bfloat16", "float16"], "bnb" in parts)
-    if "switchback" in parts:
-        bench_switchback(res, 32768, 4096, "bfloat16", args.variants.split(","))
     res.save()
     print(f"wrote {path}")
     print("\nSUMMARY")

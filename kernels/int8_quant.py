@@ -1,8 +1,9 @@
 """Fused int8 quantizers: row-wise, column-wise (optionally transposed), global (optionally transposed).
 
 All compute ``codes = rne(x * (127 / absmax))`` in float32 with the division correctly rounded
-(``div_rn``) -- or, for LLM.int8, ``127 * (1 / absmax)`` as bitsandbytes does -- and give an all-zero row/column/tensor scale 0 and codes 0, exactly as the XLA
-references in ``qflax.quant.int8`` and ``qflax.quant.switchback``. Round half to even uses the
+(``div_rn``) -- or, for LLM.int8, ``127 * (1 / absmax)`` as bitsandbytes does -- and give an
+all-zero row/column/tensor scale 0 and codes 0, exactly as the XLA references in
+``qflax.quant.int8`` and ``qflax.quant.switchback``. Round half to even uses the
 float32 ``(y + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact for ``|y| < 2**22``; ours are <= 127),
 which behaves the same on the GPU and in Triton's interpreter. The launchers compile these
 kernels with floating-point contraction off: an FMA of ``x * scale + 1.5 * 2**23`` would skip
