@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qflax.ops import dispatch
+from qflax.ops import dispatch, int8_kernels
 from qflax.quant import int8 as int8_quant
 from qflax.quant import validation
 from qflax.quant.int8 import Int8Rows
@@ -67,10 +67,11 @@ def _check_bias(bias: Optional[jax.Array], out_features: int) -> Optional[jax.Ar
     return bias
 
 
-def _choose_path(backend: Optional[str]) -> str:
-    # KERNEL HOOK (issue 8): when the Triton int8 GEMM lands, pass kernel_supports=True for the
-    # arguments it handles and call it from _forward below where path == "triton".
-    return dispatch.choose(OP_NAME, backend, kernel_supports=False)
+def _choose_path(backend: Optional[str], x: jax.Array, out_features: int) -> str:
+    # The Triton path (qflax.ops.int8_kernels): fused LLM.int8 quantizer, int8 GEMM with the
+    # dequant/bias epilogue and the outlier columns' float product inside the same kernel.
+    supported = int8_kernels.kernel_supports(x.dtype, x.shape[-1], out_features)
+    return dispatch.choose(OP_NAME, backend, kernel_supports=supported)
 
 
 def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -80,8 +81,9 @@ def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _forward(x2: jax.Array, w: Int8Rows, bias: Optional[jax.Array], threshold: float, path: str) -> jax.Array:
     """The LLM.int8 product of 2-D ``x2 (M, K)``, float32 ``(M, N)`` including bias."""
-    if path == "triton":  # KERNEL HOOK (issue 8): the fused int8 kernel goes here.
-        raise NotImplementedError("matmul_8bit has no Triton kernel yet")
+    if path == "triton":
+        # Same maths in Triton kernels; the output comes back in x's dtype (cast once, in the kernel).
+        return int8_kernels.run_llm_int8(x2, w.codes, w.scale, bias, threshold)
     codes, row_stats, mask = int8_quant.int8_vectorwise_quant(x2, threshold)
     acc = int8_quant.int8_linear_matmul(codes, w.codes)
     out = int8_quant.int8_mm_dequant(acc, row_stats, w.scale)
@@ -168,7 +170,7 @@ def matmul_8bit(
     threshold = _check_threshold(threshold)
     _check_int8_rows(w, x.shape[-1])
     bias = _check_bias(bias, w.codes.shape[0])
-    path = _choose_path(backend)
+    path = _choose_path(backend, x, w.codes.shape[0])
     out = _matmul_frozen(x.reshape(-1, x.shape[-1]), w, bias, threshold, path)
     return out.reshape(*x.shape[:-1], w.codes.shape[0])
 
@@ -236,6 +238,6 @@ def matmul_8bit_trainable(
             f"weight must be 2-D (out, in) with in = x's last dimension ({x.shape[-1]}), got {tuple(weight.shape)}"
         )
     bias = _check_bias(bias, weight.shape[0])
-    path = _choose_path(backend)
+    path = _choose_path(backend, x, weight.shape[0])
     out = _matmul_trainable(x.reshape(-1, x.shape[-1]), weight, bias, threshold, path)
     return out.reshape(*x.shape[:-1], weight.shape[0])

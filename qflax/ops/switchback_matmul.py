@@ -25,12 +25,13 @@ takes its operands in the input dtype and accumulates in float32.
 
 import math
 from functools import partial
+from types import SimpleNamespace
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from qflax.ops import dispatch
+from qflax.ops import dispatch, int8_kernels
 from qflax.quant import validation
 from qflax.quant.int8 import int8_linear_matmul, int8_mm_dequant, int8_vectorwise_dequant, int8_vectorwise_quant
 from qflax.quant.switchback import (
@@ -56,19 +57,35 @@ def _int8_matmul_dequant(a_codes, b_codes, a_scale, b_scale):
     ``a_scale`` is per row of ``a`` ``(M,)``; ``b_scale`` is per row of ``b`` ``(N,)`` or one
     tensor-wide value ``(1,)`` (bitsandbytes' int8_matmul_rowwise_dequantize and
     int8_matmul_mixed_dequantize).
-
-    KERNEL HOOK (issue 8): this is the one product the int8 GPU kernels replace. When
-    qflax_kernels provides them, make ``_kernel_supports`` report the arguments it handles and
-    route the "triton" path here; everything around it (quantizers, vjp rules) stays as is.
     """
     b_scale = jnp.broadcast_to(b_scale.astype(jnp.float32), (b_codes.shape[0],))
     return int8_mm_dequant(int8_linear_matmul(a_codes, b_codes), a_scale, b_scale)
 
 
-def _kernel_supports(op: str) -> bool:
-    """Whether a GPU kernel exists for ``op``: none yet (see ``_int8_matmul_dequant``)."""
-    del op
-    return False
+# The quantizers of each path: the XLA references, or their fused Triton twins (same codes).
+_XLA_QUANTIZERS = SimpleNamespace(
+    quantize_rowwise=quantize_rowwise,
+    quantize_global=quantize_global,
+    quantize_global_transpose=quantize_global_transpose,
+    quantize_columnwise_and_transpose=quantize_columnwise_and_transpose,
+)
+
+
+def _quantizers(path: str):
+    return int8_kernels if path == "triton" else _XLA_QUANTIZERS
+
+
+def _int8_linear(a_codes, a_scale, b_codes, b_scale, bias, dtype, path: str):
+    """``dequant(a) @ dequant(b).T (+ bias)`` in ``dtype``: XLA, or the Triton GEMM with the epilogue fused."""
+    if path == "triton":
+        return int8_kernels.run_int8_gemm(a_codes, a_scale, b_codes, b_scale, bias, dtype)
+    return _finish(_int8_matmul_dequant(a_codes, b_codes, a_scale, b_scale), bias, dtype)
+
+
+def _choose(op: str, backend, x, weight_shape) -> str:
+    """The path for one call: the int8 kernels take float16/bfloat16/float32 and rows up to their limit."""
+    supported = int8_kernels.kernel_supports(x.dtype, weight_shape[1], weight_shape[0])
+    return dispatch.choose(op, backend, kernel_supports=supported)
 
 
 def _float_matmul(a, b, contract_a: int, contract_b: int, dtype):
@@ -132,27 +149,29 @@ def _apply_2d(fn, x, *args):
 # --------------------------------------------------------------------------------------------
 
 
-def _global_forward(x, weight, bias):
-    x_codes, x_scale = quantize_rowwise(x)
-    w_codes, w_scale = quantize_global(weight)
-    return _finish(_int8_matmul_dequant(x_codes, w_codes, x_scale, w_scale), bias, x.dtype)
+def _global_forward(x, weight, bias, path):
+    q = _quantizers(path)
+    x_codes, x_scale = q.quantize_rowwise(x)
+    w_codes, w_scale = q.quantize_global(weight)
+    return _int8_linear(x_codes, x_scale, w_codes, w_scale, bias, x.dtype, path)
 
 
-@jax.custom_vjp
-def _switchback_global(x, weight, bias):
-    return _global_forward(x, weight, bias)
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _switchback_global(x, weight, bias, path):
+    return _global_forward(x, weight, bias, path)
 
 
-def _switchback_global_fwd(x, weight, bias):
-    return _global_forward(x, weight, bias), (x, weight, bias)
+def _switchback_global_fwd(x, weight, bias, path):
+    return _global_forward(x, weight, bias, path), (x, weight, bias)
 
 
-def _switchback_global_bwd(residuals, g):
+def _switchback_global_bwd(path, residuals, g):
     x, weight, bias = residuals
-    g_codes, g_scale = quantize_rowwise(g)
+    q = _quantizers(path)
+    g_codes, g_scale = q.quantize_rowwise(g)
     # W^T quantized with the tensor-wide absmax, laid out (in, out) so G @ W is a row-by-row product.
-    wt_codes, w_scale = quantize_global_transpose(weight)
-    grad_x = _int8_matmul_dequant(g_codes, wt_codes, g_scale, w_scale).astype(x.dtype)
+    wt_codes, w_scale = q.quantize_global_transpose(weight)
+    grad_x = _int8_linear(g_codes, g_scale, wt_codes, w_scale, None, x.dtype, path)
     grad_w = _weight_grad(g, x).astype(weight.dtype)
     return grad_x, grad_w, _bias_grad(g, bias)
 
@@ -165,27 +184,29 @@ _switchback_global.defvjp(_switchback_global_fwd, _switchback_global_bwd)
 # --------------------------------------------------------------------------------------------
 
 
-def _vectorwise_forward(x, weight, bias):
-    x_codes, x_scale = quantize_rowwise(x)
-    w_codes, w_scale = quantize_rowwise(weight)
-    return _finish(_int8_matmul_dequant(x_codes, w_codes, x_scale, w_scale), bias, x.dtype)
+def _vectorwise_forward(x, weight, bias, path):
+    q = _quantizers(path)
+    x_codes, x_scale = q.quantize_rowwise(x)
+    w_codes, w_scale = q.quantize_rowwise(weight)
+    return _int8_linear(x_codes, x_scale, w_codes, w_scale, bias, x.dtype, path)
 
 
-@jax.custom_vjp
-def _switchback_vectorwise(x, weight, bias):
-    return _vectorwise_forward(x, weight, bias)
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _switchback_vectorwise(x, weight, bias, path):
+    return _vectorwise_forward(x, weight, bias, path)
 
 
-def _switchback_vectorwise_fwd(x, weight, bias):
-    return _vectorwise_forward(x, weight, bias), (x, weight, bias)
+def _switchback_vectorwise_fwd(x, weight, bias, path):
+    return _vectorwise_forward(x, weight, bias, path), (x, weight, bias)
 
 
-def _switchback_vectorwise_bwd(residuals, g):
+def _switchback_vectorwise_bwd(path, residuals, g):
     x, weight, bias = residuals
-    g_codes, g_scale = quantize_rowwise(g)
+    q = _quantizers(path)
+    g_codes, g_scale = q.quantize_rowwise(g)
     # One scale per input feature (column of W): the dimension grad_x keeps.
-    wt_codes, w_col_scale = quantize_columnwise_and_transpose(weight)
-    grad_x = _int8_matmul_dequant(g_codes, wt_codes, g_scale, w_col_scale).astype(x.dtype)
+    wt_codes, w_col_scale = q.quantize_columnwise_and_transpose(weight)
+    grad_x = _int8_linear(g_codes, g_scale, wt_codes, w_col_scale, None, x.dtype, path)
     grad_w = _weight_grad(g, x).astype(weight.dtype)
     return grad_x, grad_w, _bias_grad(g, bias)
 
@@ -198,26 +219,27 @@ _switchback_vectorwise.defvjp(_switchback_vectorwise_fwd, _switchback_vectorwise
 # --------------------------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def _switchback_global_mem_efficient(x, weight, bias):
-    return _global_forward(x, weight, bias)
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _switchback_global_mem_efficient(x, weight, bias, path):
+    return _global_forward(x, weight, bias, path)
 
 
-def _switchback_global_mem_efficient_fwd(x, weight, bias):
-    x_codes, x_scale = quantize_rowwise(x)
-    w_codes, w_scale = quantize_global(weight)
-    out = _finish(_int8_matmul_dequant(x_codes, w_codes, x_scale, w_scale), bias, x.dtype)
+def _switchback_global_mem_efficient_fwd(x, weight, bias, path):
+    q = _quantizers(path)
+    x_codes, x_scale = q.quantize_rowwise(x)
+    w_codes, w_scale = q.quantize_global(weight)
+    out = _int8_linear(x_codes, x_scale, w_codes, w_scale, bias, x.dtype, path)
     # Zero-size arrays carry the dtypes the backward pass must return, without keeping x or W alive.
     dtype_tags = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), weight.dtype))
     bias_tag = None if bias is None else jnp.zeros((0,), bias.dtype)
     return out, (x_codes, x_scale, w_codes, w_scale, dtype_tags, bias_tag)
 
 
-def _switchback_global_mem_efficient_bwd(residuals, g):
+def _switchback_global_mem_efficient_bwd(path, residuals, g):
     x_codes, x_scale, w_codes, w_scale, (x_tag, w_tag), bias_tag = residuals
-    g_codes, g_scale = quantize_rowwise(g)
+    g_codes, g_scale = _quantizers(path).quantize_rowwise(g)
     # G @ W with W (out, in): the right operand of a@b.T must be W^T, i.e. the saved codes transposed.
-    grad_x = _int8_matmul_dequant(g_codes, w_codes.T, g_scale, w_scale).astype(x_tag.dtype)
+    grad_x = _int8_linear(g_codes, g_scale, w_codes.T, w_scale, None, x_tag.dtype, path)
     x_rebuilt = dequantize_rowwise(x_codes, x_scale).astype(x_tag.dtype)
     grad_w = _weight_grad(g, x_rebuilt).astype(w_tag.dtype)
     grad_b = None if bias_tag is None else _bias_grad(g, bias_tag)
@@ -261,8 +283,8 @@ def switchback_matmul(
     """
     validation.check_choice(variant, VARIANTS, "variant")
     x, weight = _check_args(x, weight, bias, "switchback_matmul")
-    dispatch.choose("switchback_matmul", backend, kernel_supports=_kernel_supports("switchback_matmul"))
-    return _apply_2d(_VARIANT_FNS[variant], x, weight, bias)
+    path = _choose("switchback_matmul", backend, x, weight.shape)
+    return _apply_2d(_VARIANT_FNS[variant], x, weight, bias, path)
 
 
 def switchback_matmul_prepared(
@@ -305,13 +327,16 @@ def switchback_matmul_prepared(
             f"{tuple(x.shape)} and w_codes shape {tuple(w_codes.shape)}"
         )
     _check_bias(bias, out_features, "switchback_matmul_prepared")
-    dispatch.choose("switchback_matmul_prepared", backend, kernel_supports=_kernel_supports("prepared"))
+    # Inference only on the Triton path: the kernels have no autodiff rules (on the XLA path the
+    # gradient through the activation quantizer is zero almost everywhere anyway).
+    path = _choose("switchback_matmul_prepared", backend, x, w_codes.shape)
 
     def run(x2):
-        x_codes, x_scale = quantize_rowwise(x2)
-        return _finish(_int8_matmul_dequant(x_codes, w_codes, x_scale, w_scale), bias, x2.dtype)
+        x_codes, x_scale = _quantizers(path).quantize_rowwise(x2)
+        return _int8_linear(x_codes, x_scale, w_codes, w_scale, bias, x2.dtype, path)
 
     return _apply_2d(run, x)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +386,13 @@ def standard_matmul(x: jax.Array, weight: jax.Array, bias: Optional[jax.Array] =
 # --------------------------------------------------------------------------------------------
 
 
-def _bnb_forward(x, weight, bias, threshold):
+def _bnb_forward(x, weight, bias, threshold, path):
+    if path == "triton":
+        # Fused: LLM.int8 activation quantizer, int8 GEMM, and the outlier columns gathered and
+        # multiplied with the float weight's columns inside the GEMM (no full-width float product).
+        w_codes, w_scale = int8_kernels.quantize_rows(weight)
+        out = int8_kernels.run_llm_int8(x, w_codes, w_scale, bias, threshold, outlier_weight=weight.astype(x.dtype))
+        return out, (w_codes, w_scale)
     x_codes, x_scale, outliers = int8_vectorwise_quant(x, threshold)
     w_codes, w_scale, _ = int8_vectorwise_quant(weight)
     out = _int8_matmul_dequant(x_codes, w_codes, x_scale, w_scale)
@@ -373,18 +404,18 @@ def _bnb_forward(x, weight, bias, threshold):
     return _finish(out, bias, x.dtype), (w_codes, w_scale)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _switchback_bnb(x, weight, bias, threshold):
-    return _bnb_forward(x, weight, bias, threshold)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _switchback_bnb(x, weight, bias, threshold, path):
+    return _bnb_forward(x, weight, bias, threshold, path)[0]
 
 
-def _switchback_bnb_fwd(x, weight, bias, threshold):
-    out, (w_codes, w_scale) = _bnb_forward(x, weight, bias, threshold)
+def _switchback_bnb_fwd(x, weight, bias, threshold, path):
+    out, (w_codes, w_scale) = _bnb_forward(x, weight, bias, threshold, path)
     return out, (x, w_codes, w_scale, jnp.zeros((0,), weight.dtype), bias)
 
 
-def _switchback_bnb_bwd(threshold, residuals, g):
-    del threshold
+def _switchback_bnb_bwd(threshold, path, residuals, g):
+    del threshold, path
     x, w_codes, w_scale, w_tag, bias = residuals
     w_dequant = int8_vectorwise_dequant(w_codes, w_scale)
     grad_x = _float_matmul(g, w_dequant, 1, 0, g.dtype).astype(x.dtype)
@@ -423,5 +454,5 @@ def switchback_bnb_matmul(
     threshold = float(threshold)
     if not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    dispatch.choose("switchback_bnb_matmul", backend, kernel_supports=_kernel_supports("switchback_bnb_matmul"))
-    return _apply_2d(_switchback_bnb, x, weight, bias, threshold)
+    path = _choose("switchback_bnb_matmul", backend, x, weight.shape)
+    return _apply_2d(_switchback_bnb, x, weight, bias, threshold, path)

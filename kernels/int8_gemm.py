@@ -1,0 +1,169 @@
+"""int8 x int8 -> int32 GEMM with the dequant epilogue, bias and the LLM.int8 outlier matmul fused.
+
+``out[m, n] = acc[m, n] * (a_scale[m] / 127²) * b_scale[n]  (+ outliers) (+ bias[n])`` where
+``acc = A @ B.T`` is exact int32 (A ``(M, K)`` int8, B ``(N, K)`` int8: both K-contiguous, the
+operand layout int8 tensor cores want). ``b_scale`` is either one float32 per row of B
+(LLM.int8 / SwitchBack vector-wise) or a single float32 (SwitchBack global).
+
+Outliers (LLM.int8, threshold > 0): the activation columns listed in ``outlier_idx`` (the first
+``outlier_count`` entries) are multiplied in the input precision against B's int8 columns
+dequantized on the fly, ``x[:, idx] @ B[:, idx].T * b_scale / 127``, accumulated in float32 and
+added before the cast. No dequantized weight is ever materialized. With ``OUTLIER_W_FLOAT`` the
+outlier columns are read from a float weight instead (SwitchBackBnb's semantics). The count lives on the
+device, so one compiled kernel serves any number of outliers under ``jax.jit``.
+
+The epilogue follows the order of ``qflax.quant.int8.int8_mm_dequant`` (the XLA reference):
+float32 ``acc * (a_scale * 1/127²) * b_scale + bias``, then one cast to the output dtype.
+"""
+
+import functools
+
+import numpy as np
+import triton
+import triton.language as tl
+
+INV_127_SQUARED = tl.constexpr(float(np.float32(1.0 / (127 * 127))))
+INV_127 = tl.constexpr(float(np.float32(1.0 / 127)))
+
+
+@triton.jit
+def int8_matmul_dequant_kernel(
+    a_ptr,  # int8 (M, K)
+    b_ptr,  # int8 (N, K)
+    a_scale_ptr,  # float32 (M,)
+    b_scale_ptr,  # float32 (N,) or (1,)
+    bias_ptr,  # (N,) any float dtype; unused unless HAS_BIAS
+    x_ptr,  # float (M, K) activations for the outlier columns; unused unless HAS_OUTLIERS
+    outlier_idx_ptr,  # int32 (>= count,) column indices
+    outlier_count_ptr,  # int32 (1,)
+    w_float_ptr,  # float (N, K) weight for the outlier columns; unused unless OUTLIER_W_FLOAT
+    M,  # runtime scalar: jax-triton passes scalars after the array inputs, before the outputs
+    out_ptr,  # (M, N) output dtype
+    N: tl.constexpr,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    B_SCALE_GLOBAL: tl.constexpr,
+    HAS_OUTLIERS: tl.constexpr,
+    OUTLIER_W_FLOAT: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped program order: GROUP_M row-tiles share each column-tile while it sits in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns read a valid row instead (wrapped); their results are masked at the store.
+    ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M).to(tl.int64)
+    rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N).to(tl.int64)
+    a_ptrs = a_ptr + ram[:, None] * K + rk[None, :]
+    b_ptrs = b_ptr + rbn[:, None] * K + rk[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = rk < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    m_ok = rm < M
+    n_ok = rn < N
+    a_scale = tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)
+    if B_SCALE_GLOBAL:
+        b_scale = tl.load(b_scale_ptr + tl.zeros((BLOCK_N,), dtype=tl.int32))
+    else:
+        b_scale = tl.load(b_scale_ptr + rn, mask=n_ok, other=0.0)
+    if HAS_OUTLIERS and not OUTLIER_W_FLOAT:
+        # One float32 accumulator for both parts (a second one would spill registers):
+        # t = acc * a_scale / 127 + x[:, idx] @ B[:, idx].T, then out = t * b_scale / 127.
+        out = acc.to(tl.float32) * (a_scale * INV_127)[:, None]
+    else:
+        out = acc.to(tl.float32) * (a_scale * INV_127_SQUARED)[:, None]
+        out = out * b_scale[None, :]
+    if HAS_OUTLIERS:
+        # Float matmul of the outlier columns x[:, idx] against the weight's columns idx: the int8
+        # int8 codes (scaled by b_scale / 127 below), or a float weight (OUTLIER_W_FLOAT).
+        count = tl.load(outlier_count_ptr)
+        ro = tl.arange(0, BLOCK_O)
+        j = 0
+        while j < count:
+            o_ok = j + ro < count
+            cols = tl.load(outlier_idx_ptr + j + ro, mask=o_ok, other=0).to(tl.int64)
+            xo = tl.load(x_ptr + ram[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
+            if OUTLIER_W_FLOAT:
+                wo = tl.load(w_float_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
+            else:
+                wo = tl.load(b_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0)
+            # float32 operands: bf16/fp16 values and int8 codes are exact in tf32, so the tensor-core
+            # tf32 product is exact for half inputs; float32 inputs need the full-precision dot.
+            xo = xo.to(tl.float32)
+            wo = wo.to(tl.float32)
+            if DOT_IEEE:
+                out = tl.dot(xo, tl.trans(wo), out, input_precision="ieee")
+            else:
+                out = tl.dot(xo, tl.trans(wo), out, input_precision="tf32")
+            j += BLOCK_O
+        if not OUTLIER_W_FLOAT:
+            out = out * (b_scale * INV_127)[None, :]
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        out = out + bias[None, :]
+
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_config(M: int, N: int, K: int) -> dict:
+    """Tile sizes, warps and pipeline depth for one problem size (chosen on an H100, see benchmarks/).
+
+    Large problems take 128x256x128 tiles (int8 wgmma wants a deep K tile); small ones
+    smaller tiles so the grid still fills the 132 SMs.
+    """
+    if M >= 2048 and N >= 2048:
+        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    elif M >= 128:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return cfg
+
+
+def gemm_meta(
+    M: int, N: int, K: int, *, has_bias: bool, b_scale_global: bool, has_outliers: bool,
+    outlier_w_float: bool = False, dot_ieee: bool = False, config: dict | None = None,
+) -> tuple[tuple[int], dict]:
+    """(grid, keyword arguments) for one launch of :func:`int8_matmul_dequant_kernel`.
+
+    Shared by the JAX launcher and the interpreter tests, so both launch the kernel the same way.
+    ``config`` overrides :func:`gemm_config` (tile sizes, num_warps, num_stages). ``dot_ieee``:
+    a float32 operand takes part in the outlier product (tf32 would round it).
+    """
+    cfg = dict(gemm_config(M, N, K) if config is None else config)
+    meta = dict(
+        N=N, K=K, HAS_BIAS=has_bias, B_SCALE_GLOBAL=b_scale_global, HAS_OUTLIERS=has_outliers,
+        OUTLIER_W_FLOAT=outlier_w_float, DOT_IEEE=dot_ieee, EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_O=32, **cfg,
+    )
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    return grid, meta

@@ -1,0 +1,190 @@
+"""JAX launchers (jax-triton ``triton_call``) for the int8 kernels, with ``custom_vmap`` rules.
+
+Import this module only where a GPU and jax-triton are present (qflax imports it lazily inside
+its kernel branches). ``triton_call`` has neither autodiff nor batching rules: the ops in
+``qflax.ops`` wrap these in ``jax.custom_vjp``, and every launcher here is a
+``jax.custom_batching.custom_vmap`` whose rule folds a batch of activations into M (one launch)
+and falls back to one launch per batch element (``lax.map``) when a weight is batched.
+"""
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import jax_triton as jt
+
+from qflax_kernels import int8_gemm, int8_quant
+
+_FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+
+
+def _fold_or_map(fn, foldable, axis_size, in_batched, args):
+    """Batching rule body: fold the leading batch axis of the ``foldable`` args into their rows.
+
+    Folding is valid when only the ``foldable`` arguments (activations and their per-row data)
+    carry the batch; otherwise each batch element gets its own launch.
+    """
+    if all(b == (i in foldable) for i, b in enumerate(in_batched)) and any(in_batched):
+        folded = [a.reshape((-1,) + a.shape[2:]) if i in foldable else a for i, a in enumerate(args)]
+        out = fn(*folded)
+        return jax.tree.map(lambda o: o.reshape((axis_size, -1) + o.shape[1:]), out), jax.tree.map(lambda _: True, out)
+    batched = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
+    out = jax.lax.map(lambda xs: fn(*xs), batched)
+    return out, jax.tree.map(lambda _: True, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_fn(out_dtype, has_bias: bool, b_scale_global: bool, has_outliers: bool, outlier_w_float: bool, config_key):
+    config = dict(config_key) if config_key else None
+
+    def launch(a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float):
+        M, K = a.shape
+        N = b.shape[0]
+        grid, meta = int8_gemm.gemm_meta(
+            M, N, K, has_bias=has_bias, b_scale_global=b_scale_global, has_outliers=has_outliers,
+            outlier_w_float=outlier_w_float, config=config,
+            dot_ieee=has_outliers and (x.dtype == jnp.float32 or (outlier_w_float and w_float.dtype == jnp.float32)),
+        )
+        return jt.triton_call(
+            a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float, M,
+            kernel=int8_gemm.int8_matmul_dequant_kernel,
+            out_shape=jax.ShapeDtypeStruct((M, N), out_dtype), grid=grid, name="int8_matmul_dequant", **meta,
+        )
+
+    fn = jax.custom_batching.custom_vmap(launch)
+
+    @fn.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        # a, a_scale (and x with outliers) hold activations; the rest belongs to the weight or the outlier set.
+        return _fold_or_map(launch, (0, 2, 5) if has_outliers else (0, 2), axis_size, in_batched, args)
+
+    return fn
+
+
+def int8_matmul_dequant(
+    a: jax.Array,
+    b: jax.Array,
+    a_scale: jax.Array,
+    b_scale: jax.Array,
+    bias: Optional[jax.Array] = None,
+    out_dtype=jnp.float32,
+    x: Optional[jax.Array] = None,
+    outlier_idx: Optional[jax.Array] = None,
+    outlier_count: Optional[jax.Array] = None,
+    outlier_weight: Optional[jax.Array] = None,
+    config: Optional[dict] = None,
+) -> jax.Array:
+    """``(a @ b.T) * a_scale[:, None] * b_scale / 127² (+ outlier matmul) (+ bias)`` in ``out_dtype``.
+
+    Args:
+      a: int8 ``(M, K)`` activation codes.
+      b: int8 ``(N, K)`` weight codes.
+      a_scale: float32 ``(M,)`` row absmax of the activations.
+      b_scale: float32 ``(N,)`` row absmax of the weight, or ``(1,)`` for one global absmax.
+      bias: optional ``(N,)`` float, added in float32 before the cast.
+      out_dtype: the output float dtype.
+      x: float ``(M, K)`` activations, only with outliers.
+      outlier_idx: int32 ``(>= count,)`` outlier column indices (the first ``outlier_count`` used).
+      outlier_count: int32 ``(1,)`` number of outlier columns.
+      outlier_weight: optional float ``(N, K)``: take the outlier columns' weights from here
+        (unscaled) instead of dequantizing ``b``'s codes (SwitchBackBnb).
+      config: optional tile override (see ``int8_gemm.gemm_config``), for benchmarks.
+
+    Returns:
+      ``(M, N)`` array of ``out_dtype``.
+    """
+    has_outliers = x is not None
+    b_scale_global = b_scale.shape[0] == 1 and b.shape[0] != 1
+    dummy = jnp.zeros((1,), jnp.float32)
+    if not has_outliers:
+        x, outlier_idx, outlier_count = dummy, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
+    outlier_w_float = has_outliers and outlier_weight is not None
+    config_key = tuple(sorted(config.items())) if config else None
+    fn = _gemm_fn(jnp.dtype(out_dtype), bias is not None, b_scale_global, has_outliers, outlier_w_float, config_key)
+    return fn(a, b, a_scale.astype(jnp.float32), b_scale.astype(jnp.float32),
+              dummy if bias is None else bias, x, outlier_idx.astype(jnp.int32), outlier_count.astype(jnp.int32),
+              outlier_weight if outlier_w_float else dummy)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_fn(threshold: float, llm_int8_scale: bool):
+    def launch(x, col_mask):
+        M, K = x.shape
+        grid, meta = int8_quant.rows_meta(M, K, threshold=threshold, llm_int8_scale=llm_int8_scale)
+        return jt.triton_call(
+            x, col_mask, M, kernel=int8_quant.quantize_rows_kernel, enable_fp_fusion=False,
+            out_shape=(jax.ShapeDtypeStruct((M, K), jnp.int8), jax.ShapeDtypeStruct((M,), jnp.float32)),
+            grid=grid, name="int8_quantize_rows", **meta,
+        )
+
+    fn = jax.custom_batching.custom_vmap(launch)
+
+    @fn.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        return _fold_or_map(launch, (0,), axis_size, in_batched, args)
+
+    return fn
+
+
+def quantize_rowwise(
+    x: jax.Array, threshold: float = 0.0, col_mask: Optional[jax.Array] = None, llm_int8_scale: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Row-wise int8 codes ``(M, K)`` and float32 row absmax ``(M,)`` of a 2-D float ``x``, one read.
+
+    By default this is ``qflax.quant.switchback.quantize_rowwise`` (scale ``127 / absmax``). With
+    ``llm_int8_scale`` the scale is ``127 * (1 / absmax)`` and, with ``threshold > 0`` and
+    ``col_mask`` (bool ``(K,)``, the columns holding any ``|x| >= threshold``), outlier elements
+    leave the row absmax and the masked columns' codes are zero: together
+    ``qflax.quant.int8.int8_vectorwise_quant(x, threshold)``.
+    """
+    if threshold > 0:
+        if col_mask is None:
+            raise ValueError("col_mask is required when threshold > 0")
+        mask = col_mask.astype(jnp.int8)
+    else:
+        threshold, mask = 0.0, jnp.zeros((1,), jnp.int8)
+    return _rows_fn(float(threshold), bool(llm_int8_scale))(x, mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _scaled_fn(per_column: bool, transpose: bool):
+    def launch(x):
+        M, N = x.shape
+        grid, meta = int8_quant.absmax_meta(M, N, per_column=per_column)
+        absmax = jt.triton_call(
+            x, M, kernel=int8_quant.absmax_kernel, enable_fp_fusion=False,
+            out_shape=jax.ShapeDtypeStruct((N if per_column else 1,), jnp.float32),
+            grid=grid, zeroed_outputs=(0,), name="int8_absmax", **meta,
+        )
+        grid, meta = int8_quant.scaled_meta(M, N, per_column=per_column, transpose=transpose)
+        codes = jt.triton_call(
+            x, absmax, M, kernel=int8_quant.quantize_scaled_kernel, enable_fp_fusion=False,
+            out_shape=jax.ShapeDtypeStruct((N, M) if transpose else (M, N), jnp.int8),
+            grid=grid, name="int8_quantize_scaled", **meta,
+        )
+        return codes, absmax
+
+    fn = jax.custom_batching.custom_vmap(launch)
+
+    @fn.def_vmap
+    def _rule(axis_size, in_batched, x):
+        # A column or global absmax spans all rows of one element: never fold, launch per element.
+        return _fold_or_map(launch, (), axis_size, in_batched, (x,))
+
+    return fn
+
+
+def quantize_columnwise_and_transpose(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Column-wise int8 codes of ``x (M, N)`` written transposed ``(N, M)``, and column absmax ``(N,)``."""
+    return _scaled_fn(True, True)(x)
+
+
+def quantize_global(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int8 codes of a 2-D ``x`` with one tensor absmax, and that absmax as float32 ``(1,)``."""
+    return _scaled_fn(False, False)(x)
+
+
+def quantize_global_transpose(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Global int8 codes of ``x (M, N)`` written transposed ``(N, M)``, and the absmax ``(1,)``."""
+    return _scaled_fn(False, True)(x)

@@ -1,0 +1,163 @@
+"""Fused int8 quantizers: row-wise, column-wise (optionally transposed), global (optionally transposed).
+
+All compute ``codes = rne(x * (127 / absmax))`` in float32 with the division correctly rounded
+(``div_rn``) -- or, for LLM.int8, ``127 * (1 / absmax)`` as bitsandbytes does -- and give an
+all-zero row/column/tensor scale 0 and codes 0, exactly as the XLA references in
+``qflax.quant.int8`` and ``qflax.quant.switchback``. Round half to even uses the
+float32 ``(y + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact for ``|y| < 2**22``; ours are <= 127),
+which behaves the same on the GPU and in Triton's interpreter. The launchers compile these
+kernels with floating-point contraction off: an FMA of ``x * scale + 1.5 * 2**23`` would skip
+the product's rounding and flip codes next to halves.
+
+Row-wise reads the float tensor once: one program holds whole rows in registers (``K`` up to
+:data:`MAX_ROW_K`). Column-wise and global scales need a reduction over the whole tensor before
+any code can be written, so they take two passes: :func:`absmax_kernel` (tile maxima combined
+with ``atomic_max`` into a zero-initialised float32 buffer; absolute values are >= 0, so float
+max order is the integer order) and :func:`quantize_scaled_kernel` (reads again, writes codes,
+transposed if asked). These run on weights, which are small next to activations.
+"""
+
+import triton
+import triton.language as tl
+
+# Longest row the single-pass row quantizer holds in registers.
+MAX_ROW_K = 32768
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+
+
+@triton.jit
+def _scale_from_absmax(absmax, RECIPROCAL_SCALE: tl.constexpr = False):
+    safe = tl.where(absmax == 0.0, 1.0, absmax)
+    if RECIPROCAL_SCALE:
+        # bitsandbytes' LLM.int8 scale: 127 * (1 / absmax), the reciprocal rounded first.
+        # Explicit float32 operands: Triton's interpreter would otherwise widen the literal.
+        scale = tl.full(safe.shape, 127.0, tl.float32) * tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+    else:
+        scale = tl.math.div_rn(tl.full(safe.shape, 127.0, tl.float32), safe)
+    return tl.where(absmax == 0.0, 0.0, scale)
+
+
+@triton.jit
+def _round_to_int8(y):
+    rounded = (y + _ROUND_MAGIC) - _ROUND_MAGIC
+    return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def quantize_rows_kernel(
+    x_ptr,  # float (M, K)
+    col_mask_ptr,  # int8 (K,): nonzero = outlier column, codes zeroed (LLM.int8)
+    M,  # runtime scalar: jax-triton passes scalars after the array inputs, before the outputs
+    codes_ptr,  # int8 (M, K)
+    absmax_ptr,  # float32 (M,)
+    K: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    THRESHOLD: tl.constexpr,
+    RECIPROCAL_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    ok = (rm < M)[:, None] & (rk < K)[None, :]
+    offs = rm.to(tl.int64)[:, None] * K + rk[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        # LLM.int8 with outliers: outlier elements leave the row absmax and round to 0, then the
+        # codes of every outlier column are zeroed (their products run in float instead).
+        x = tl.where(tl.abs(x) >= THRESHOLD, 0.0, x)
+    absmax = tl.max(tl.abs(x), axis=1)
+    codes = _round_to_int8(x * _scale_from_absmax(absmax, RECIPROCAL_SCALE)[:, None])
+    if HAS_MASK:
+        zeroed = tl.load(col_mask_ptr + rk, mask=rk < K, other=0)
+        codes = tl.where(zeroed[None, :] != 0, 0, codes).to(tl.int8)
+    tl.store(codes_ptr + offs, codes, mask=ok)
+    tl.store(absmax_ptr + rm, absmax, mask=rm < M)
+
+
+@triton.jit
+def absmax_kernel(
+    x_ptr,  # float (M, N)
+    M,
+    out_ptr,  # float32 (N,) if PER_COLUMN else (1,); zero-initialised
+    N: tl.constexpr,
+    PER_COLUMN: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row0 = tl.program_id(0) * ROWS_PER_PROGRAM
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    running = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        rm = row0 + i + tl.arange(0, BLOCK_M)
+        ok = (rm < M)[:, None] & (rn < N)[None, :]
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=ok, other=0.0)
+        running = tl.maximum(running, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+    if PER_COLUMN:
+        tl.atomic_max(out_ptr + rn, running, mask=rn < N)
+    else:
+        tl.atomic_max(out_ptr, tl.max(running, axis=0))
+
+
+@triton.jit
+def quantize_scaled_kernel(
+    x_ptr,  # float (M, N)
+    absmax_ptr,  # float32 (N,) if PER_COLUMN else (1,)
+    M,
+    codes_ptr,  # int8 (M, N), or (N, M) if TRANSPOSE
+    N: tl.constexpr,
+    PER_COLUMN: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rm < M)[:, None] & (rn < N)[None, :]
+    x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+    if PER_COLUMN:
+        absmax = tl.load(absmax_ptr + rn, mask=rn < N, other=0.0)
+    else:
+        absmax = tl.load(absmax_ptr + tl.zeros((BLOCK_N,), dtype=tl.int32))
+    codes = _round_to_int8(x * _scale_from_absmax(absmax)[None, :])
+    if TRANSPOSE:
+        tl.store(codes_ptr + rn.to(tl.int64)[None, :] * M + rm[:, None], codes, mask=ok)
+    else:
+        tl.store(codes_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], codes, mask=ok)
+
+
+def rows_meta(
+    M: int, K: int, *, threshold: float = 0.0, llm_int8_scale: bool = False
+) -> tuple[tuple[int], dict]:
+    """(grid, keyword arguments) for :func:`quantize_rows_kernel`; ``K <= MAX_ROW_K``.
+
+    ``threshold > 0`` turns on the LLM.int8 outlier handling (the column mask input is read).
+    ``llm_int8_scale``: scale ``127 * (1 / absmax)`` (bitsandbytes' LLM.int8, ``qflax.quant.int8``)
+    instead of the correctly rounded ``127 / absmax`` (SwitchBack, ``qflax.quant.switchback``).
+    """
+    if K > MAX_ROW_K:
+        raise ValueError(f"K must be <= {MAX_ROW_K} for the single-pass row quantizer, got {K}")
+    block_k = triton.next_power_of_2(K)
+    # About 4096 elements per program: several short rows, or one long row.
+    block_m = max(1, min(16, 4096 // block_k))
+    num_warps = 4 if block_k * block_m <= 4096 else (8 if block_k <= 16384 else 16)
+    meta = dict(K=K, HAS_MASK=threshold > 0, THRESHOLD=float(threshold), RECIPROCAL_SCALE=llm_int8_scale,
+                BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+    return (triton.cdiv(M, block_m),), meta
+
+
+def absmax_meta(M: int, N: int, *, per_column: bool) -> tuple[tuple[int, int], dict]:
+    """(grid, keyword arguments) for :func:`absmax_kernel`."""
+    block_m, block_n = 32, 128
+    rows_per_program = block_m * max(1, min(32, triton.cdiv(M, block_m)))
+    meta = dict(N=N, PER_COLUMN=per_column, ROWS_PER_PROGRAM=rows_per_program, BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=4)
+    return (triton.cdiv(M, rows_per_program), triton.cdiv(N, block_n)), meta
+
+
+def scaled_meta(M: int, N: int, *, per_column: bool, transpose: bool) -> tuple[tuple[int, int], dict]:
+    """(grid, keyword arguments) for :func:`quantize_scaled_kernel`."""
+    block_m, block_n = 64, 64
+    meta = dict(N=N, PER_COLUMN=per_column, TRANSPOSE=transpose, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), meta

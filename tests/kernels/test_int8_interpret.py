@@ -1,0 +1,274 @@
+"""Every int8 kernel through Triton's interpreter (TRITON_INTERPRET=1, torch CPU tensors) vs the XLA reference.
+
+The kernels are launched exactly as the JAX launchers launch them (same grid/metaparameter
+helpers), on small shapes whose sizes are not multiples of the tiles, with all-zero rows,
+columns and tensors, and with values that land exactly on rounding halves.
+"""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("interpreter tests run only where TRITON_INTERPRET=1 (CPU machines)", allow_module_level=True)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from qflax.quant import int8 as int8_ref  # noqa: E402
+from qflax.quant import switchback as sb_ref  # noqa: E402
+from qflax_kernels import int8_gemm, int8_quant  # noqa: E402
+
+# Small tiles so that 3-D grids, tails and several K steps all happen on tiny shapes.
+SMALL_GEMM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _t(a):
+    """numpy/jax array -> torch CPU tensor (bfloat16 through float32)."""
+    a = np.asarray(a)
+    if a.dtype == jnp.bfloat16:
+        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(a, copy=True, order="C"))
+
+
+def _n(t):
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
+
+
+def _launch(kernel, grid, meta, *args):
+    meta = dict(meta)
+    meta.pop("num_stages", None)
+    meta.pop("num_warps", None)
+    kernel[grid](*args, **meta)
+
+
+def _gemm(a, b, a_scale, b_scale, bias=None, out_dtype="float32", x=None, outlier_idx=None, w_float=None,
+          config=SMALL_GEMM):
+    M, K = a.shape
+    N = b.shape[0]
+    has_out = x is not None
+    grid, meta = int8_gemm.gemm_meta(
+        M, N, K, has_bias=bias is not None, b_scale_global=b_scale.shape[0] == 1 and N != 1,
+        has_outliers=has_out, outlier_w_float=w_float is not None, config=config,
+        dot_ieee=has_out and (x.dtype == np.float32 or (w_float is not None and w_float.dtype == np.float32)),
+    )
+    out = torch.full((M, N), float("nan"), dtype=TORCH_DTYPES[out_dtype])
+    idx = np.zeros(max(K, 1), np.int32) if outlier_idx is None else np.asarray(outlier_idx, np.int32)
+    count = np.array([0 if outlier_idx is None else len(outlier_idx)], np.int32)
+    if outlier_idx is not None:
+        idx = np.concatenate([idx, np.zeros(K - len(idx), np.int32)])
+    _launch(
+        int8_gemm.int8_matmul_dequant_kernel, grid, meta,
+        _t(a), _t(b), _t(a_scale), _t(b_scale),
+        _t(bias) if bias is not None else torch.zeros(1),
+        _t(x) if has_out else torch.zeros(1), _t(idx), _t(count),
+        _t(w_float) if w_float is not None else torch.zeros(1), M, out,
+    )
+    return _n(out)
+
+
+def _int8(rng, shape, zero_rows=()):
+    codes = rng.integers(-127, 128, size=shape).astype(np.int8)
+    for r in zero_rows:
+        codes[r] = 0
+    return codes
+
+
+@pytest.mark.parametrize("M,N,K", [(37, 45, 70), (16, 32, 64), (1, 33, 17)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_vectorwise_matches_reference(M, N, K, with_bias):
+    rng = np.random.default_rng(M * 1000 + N + K)
+    a = _int8(rng, (M, K), zero_rows=[0])
+    b = _int8(rng, (N, K))
+    a_scale = rng.uniform(0.1, 3, M).astype(np.float32)
+    a_scale[0] = 0.0
+    b_scale = rng.uniform(0.1, 3, N).astype(np.float32)
+    bias = rng.normal(size=N).astype(np.float32) if with_bias else None
+    got = _gemm(a, b, a_scale, b_scale, bias)
+    ref = np.asarray(int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(jnp.asarray(a), jnp.asarray(b)),
+                                              jnp.asarray(a_scale), jnp.asarray(b_scale),
+                                              None if bias is None else jnp.asarray(bias)))
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    assert not np.isnan(got).any()
+
+
+@pytest.mark.parametrize("out_dtype", ["float16", "bfloat16"])
+def test_gemm_global_scale_and_half_output(out_dtype):
+    rng = np.random.default_rng(7)
+    M, N, K = 20, 40, 96
+    a, b = _int8(rng, (M, K)), _int8(rng, (N, K))
+    a_scale = rng.uniform(0.1, 2, M).astype(np.float32)
+    w_absmax = np.array([1.7], np.float32)
+    bias = rng.normal(size=N).astype(np.float32)
+    got = _gemm(a, b, a_scale, w_absmax, bias, out_dtype=out_dtype)
+    acc = a.astype(np.int64) @ b.astype(np.int64).T
+    ref = (acc * (a_scale[:, None] / 127.0**2) * w_absmax[0] + bias).astype(np.float32)
+    ref = np.asarray(jnp.asarray(ref).astype(out_dtype).astype(jnp.float32))
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("x_dtype", ["float32", "float16"])
+def test_gemm_outlier_columns_add_the_float_matmul(x_dtype):
+    rng = np.random.default_rng(3)
+    M, N, K, threshold = 19, 35, 66, 6.0
+    x = rng.normal(size=(M, K)).astype(np.float32)
+    planted = [2, 40, 65]
+    x[5, planted] = [9.0, -7.5, 6.0]
+    x = x.astype(x_dtype)
+    w = rng.normal(size=(N, K)).astype(np.float32)
+    w_codes, w_scale, _ = int8_ref.int8_vectorwise_quant(jnp.asarray(w))
+    a_codes, a_scale, mask = _llm_int8_rows_numpy(x.astype(np.float32), threshold)
+    cols = int8_ref.outlier_columns(mask)
+    assert list(cols) == planted
+    int8_part = np.asarray(int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(jnp.asarray(a_codes), w_codes),
+                                                    jnp.asarray(a_scale), w_scale))
+    tol = dict(rtol=1e-4, atol=1e-3 if x_dtype == "float16" else 1e-4)
+    # Outlier columns against the int8 weight dequantized on the fly (LLM.int8) ...
+    got = _gemm(a_codes, np.asarray(w_codes), a_scale, np.asarray(w_scale), x=x, outlier_idx=cols)
+    w_deq = np.asarray(int8_ref.int8_vectorwise_dequant(w_codes, w_scale))
+    ref = int8_part + x.astype(np.float32)[:, cols] @ w_deq[:, cols].T
+    np.testing.assert_allclose(got, ref, **tol)
+    # ... or against a float weight (SwitchBackBnb), with a bias.
+    w_half = w.astype(x_dtype)
+    bias = rng.normal(size=N).astype(np.float32)
+    got_f = _gemm(a_codes, np.asarray(w_codes), a_scale, np.asarray(w_scale), bias, x=x, outlier_idx=cols,
+                  w_float=w_half)
+    ref_f = int8_part + x.astype(np.float32)[:, cols] @ w_half.astype(np.float32)[:, cols].T + bias
+    np.testing.assert_allclose(got_f, ref_f, **tol)
+    # Without the outlier loop the planted row would be badly wrong: the test can fail.
+    assert np.abs(int8_part - ref)[5].max() > 1.0
+
+
+def _rows(x, col_mask=None, threshold=0.0, llm_int8_scale=False):
+    M, K = x.shape
+    grid, meta = int8_quant.rows_meta(M, K, threshold=threshold, llm_int8_scale=llm_int8_scale)
+    codes = torch.full((M, K), 99, dtype=torch.int8)
+    absmax = torch.full((M,), float("nan"))
+    mask = torch.zeros(1, dtype=torch.int8) if col_mask is None else _t(np.asarray(col_mask).astype(np.int8))
+    _launch(int8_quant.quantize_rows_kernel, grid, meta, _t(x), mask, M, codes, absmax)
+    return codes.numpy(), absmax.numpy()
+
+
+def _halves_matrix(M, K):
+    """Rows with absmax 127 (scale exactly 1) holding k + 0.5 values: every code is a rounding tie."""
+    x = np.tile(np.arange(K, dtype=np.float32) % 20 - 9.5, (M, 1))
+    x[:, 0] = 127.0
+    return x
+
+
+@pytest.mark.parametrize("M,K,dtype", [(13, 70, "float32"), (5, 300, "bfloat16"), (3, 33, "float16")])
+def test_quantize_rows_matches_reference(M, K, dtype):
+    rng = np.random.default_rng(K)
+    x = rng.normal(size=(M, K)).astype(np.float32) * 3
+    x[1] = 0.0
+    x = np.asarray(jnp.asarray(x).astype(dtype))
+    codes, absmax = _rows(x)
+    ref_codes, ref_absmax = sb_ref.quantize_rowwise(jnp.asarray(x))
+    np.testing.assert_array_equal(codes, np.asarray(ref_codes))
+    np.testing.assert_array_equal(absmax, np.asarray(ref_absmax))
+    assert absmax[1] == 0 and not codes[1].any()
+
+
+def test_quantize_rows_llm_int8_scale_is_reciprocal_times_127():
+    # absmax values whose 127 / a and 127 * (1 / a) differ in the last bit, with x on the halves
+    # those scales produce: the two scale rules give different codes, and each kernel mode must
+    # match its own reference.
+    absmax = np.float32(1) + np.arange(1, 4000, dtype=np.float32) * np.float32(2**-12)
+    differs = (np.float32(127) / absmax) != (np.float32(127) * (np.float32(1) / absmax))
+    a = absmax[differs][:16]
+    x = np.zeros((16, 64), np.float32)
+    x[:, 0] = a
+    x[:, 1:] = (np.arange(63, dtype=np.float32) - 31.5)[None, :] * (a[:, None] / np.float32(127))
+    codes_llm, _ = _rows(x, llm_int8_scale=True)
+    codes_sb, _ = _rows(x)
+    np.testing.assert_array_equal(codes_llm, _llm_int8_rows_numpy(x, 0.0)[0])
+    np.testing.assert_array_equal(codes_sb, np.asarray(sb_ref.quantize_rowwise(jnp.asarray(x))[0]))
+    assert (codes_llm != codes_sb).any()
+
+
+def test_quantize_rows_rounds_half_to_even():
+    x = _halves_matrix(3, 40)
+    codes, _ = _rows(x)
+    np.testing.assert_array_equal(codes, np.asarray(sb_ref.quantize_rowwise(jnp.asarray(x))[0]))
+    np.testing.assert_array_equal(codes[0, 1:11], [-8, -8, -6, -6, -4, -4, -2, -2, 0, 0])  # -8.5 ... 0.5
+
+
+def _llm_int8_rows_numpy(x, threshold):
+    """bitsandbytes' int8_vectorwise_quant, in numpy (SPEC §3.5): scale ``127 * (1 / absmax)`` in
+    float32; with a threshold, outlier elements leave the row absmax and round to 0, and with more
+    than one row, outlier columns' codes are 0."""
+    is_out = np.abs(x) >= threshold if threshold > 0 else np.zeros(x.shape, bool)
+    kept = np.where(is_out, np.float32(0), x.astype(np.float32))
+    absmax = np.abs(kept).max(axis=1)
+    safe = np.where(absmax == 0, np.float32(1), absmax)
+    scale = np.where(absmax == 0, np.float32(0), np.float32(127) * (np.float32(1) / safe))
+    codes = np.clip(np.rint(kept * scale[:, None]), -127, 127).astype(np.int8)
+    mask = is_out.any(axis=0)
+    if x.shape[0] > 1:
+        codes[:, mask] = 0
+    return codes, absmax.astype(np.float32), mask
+
+
+@pytest.mark.parametrize("M", [9, 1])
+def test_quantize_rows_with_outliers_matches_llm_int8_semantics(M):
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(M, 50)).astype(np.float32)
+    x[M // 2, [4, 31]] = [8.0, -6.5]
+    x[M - 1, 7] = 5.0  # the largest kept value of its row
+    codes_ref, stats_ref, mask = _llm_int8_rows_numpy(x, 6.0)
+    np.testing.assert_array_equal(np.asarray(int8_ref.outlier_mask(jnp.asarray(x), 6.0)), mask)
+    codes, absmax = _rows(x, mask, threshold=6.0, llm_int8_scale=True)
+    np.testing.assert_array_equal(codes, codes_ref)
+    np.testing.assert_array_equal(absmax, stats_ref)
+    assert not codes[:, [4, 31]].any() and absmax[M - 1] == 5.0
+
+
+def _scaled(x, per_column, transpose):
+    M, N = x.shape
+    grid, meta = int8_quant.absmax_meta(M, N, per_column=per_column)
+    absmax = torch.zeros(N if per_column else 1)
+    _launch(int8_quant.absmax_kernel, grid, meta, _t(x), M, absmax)
+    grid, meta = int8_quant.scaled_meta(M, N, per_column=per_column, transpose=transpose)
+    codes = torch.full((N, M) if transpose else (M, N), 99, dtype=torch.int8)
+    _launch(int8_quant.quantize_scaled_kernel, grid, meta, _t(x), absmax, M, codes)
+    return codes.numpy(), absmax.numpy()
+
+
+@pytest.mark.parametrize("M,N", [(70, 45), (1100, 3)])
+def test_quantize_columnwise_transpose_matches_reference(M, N):
+    rng = np.random.default_rng(N)
+    x = (rng.normal(size=(M, N)) * 2).astype(np.float32)
+    x[:, 1] = 0.0
+    codes, absmax = _scaled(x, per_column=True, transpose=True)
+    ref_codes, ref_absmax = sb_ref.quantize_columnwise_and_transpose(jnp.asarray(x))
+    np.testing.assert_array_equal(codes, np.asarray(ref_codes))
+    np.testing.assert_array_equal(absmax, np.asarray(ref_absmax))
+    assert not codes[1].any()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantize_global_matches_reference(transpose, dtype):
+    rng = np.random.default_rng(5)
+    x = np.asarray(jnp.asarray(rng.normal(size=(75, 41)).astype(np.float32)).astype(dtype))
+    codes, absmax = _scaled(x, per_column=False, transpose=transpose)
+    ref = sb_ref.quantize_global_transpose if transpose else sb_ref.quantize_global
+    ref_codes, ref_absmax = ref(jnp.asarray(x))
+    np.testing.assert_array_equal(codes, np.asarray(ref_codes))
+    np.testing.assert_array_equal(absmax, np.asarray(ref_absmax))
+
+
+def test_quantize_global_all_zero_gives_zero_scale_and_codes():
+    codes, absmax = _scaled(np.zeros((33, 20), np.float32), per_column=False, transpose=True)
+    assert absmax[0] == 0 and not codes.any()
+
+
+def test_quantize_global_rounds_half_to_even():
+    x = _halves_matrix(4, 30)
+    codes, _ = _scaled(x, per_column=False, transpose=False)
+    np.testing.assert_array_equal(codes, np.asarray(sb_ref.quantize_global(jnp.asarray(x))[0]))
