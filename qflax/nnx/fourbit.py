@@ -25,7 +25,7 @@ from qflax.quant import fourbit
 Initializer = Callable[..., jax.Array]
 
 
-class Dense4bit(nnx.Module):
+class Dense4bit(construction.FromLinear, nnx.Module):
     """A dense layer ``y = x @ W.T + bias`` with a frozen 4-bit weight (bitsandbytes' Linear4bit).
 
     Args:
@@ -81,27 +81,6 @@ class Dense4bit(nnx.Module):
         kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         self.weight = QuantizedWeight(construction.quantize_4bit(kernel.T, blocksize, quant_type, compress_statistics))
         self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
-
-    @classmethod
-    def from_linear(cls, linear: nnx.Linear, **options) -> "Dense4bit":
-        """A 4-bit layer holding the quantized weights of a float ``nnx.Linear``.
-
-        Args:
-          linear: the float layer.
-          **options: quant_type, blocksize, compress_statistics, compute_dtype, backend.
-        """
-        kernel = linear.kernel[...]
-        bias = None if linear.bias is None else linear.bias[...]
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            use_bias=bias is not None,
-            param_dtype=kernel.dtype,
-            kernel_init=lambda *_: kernel,
-            bias_init=lambda *_: bias,
-            rngs=nnx.Rngs(0),
-            **options,
-        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in)``; returns ``(..., out)`` in ``x``'s dtype.

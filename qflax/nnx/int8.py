@@ -21,7 +21,7 @@ from qflax.quant import validation
 Initializer = Callable[..., jax.Array]
 
 
-class Dense8bitLt(nnx.Module):
+class Dense8bitLt(construction.FromLinear, nnx.Module):
     """A dense layer ``y = x @ W.T + bias`` computed with LLM.int8 (bitsandbytes' Linear8bitLt).
 
     * ``has_fp16_weights=False`` (inference): the weight is frozen, int8 ``(out, in)`` codes
@@ -78,27 +78,6 @@ class Dense8bitLt(nnx.Module):
         else:
             self.weight = QuantizedWeight(construction.quantize_rows(kernel.T))
         self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
-
-    @classmethod
-    def from_linear(cls, linear: nnx.Linear, **options) -> "Dense8bitLt":
-        """A Dense8bitLt holding the weights of a float ``nnx.Linear`` (int8-quantized unless has_fp16_weights).
-
-        Args:
-          linear: the float layer.
-          **options: threshold, has_fp16_weights, dtype, backend.
-        """
-        kernel = linear.kernel[...]
-        bias = None if linear.bias is None else linear.bias[...]
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            use_bias=bias is not None,
-            param_dtype=kernel.dtype,
-            kernel_init=lambda *_: kernel,
-            bias_init=lambda *_: bias,
-            rngs=nnx.Rngs(0),
-            **options,
-        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in)``; returns ``(..., out)`` in ``x``'s dtype (or ``dtype``)."""
