@@ -89,7 +89,7 @@ def quantize_minilm(
         return QuantizedMiniLM(fmt, minilm.MiniLM(config), {"params": params})
     if fmt == "int8":
         dense_factory = functools.partial(qnn.Dense8bitLt, threshold=int8_threshold)
-        quantize_layer = qnn.quantize_dense_params
+        quantize_layer = qnn.quantize_params_8bit
     else:
         dense_factory = functools.partial(qnn.Dense4bit, quant_type=fmt)
         quantize_layer = functools.partial(qnn.quantize_params_4bit, quant_type=fmt, progress=False)

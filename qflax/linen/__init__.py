@@ -9,7 +9,7 @@ from qflax.linen.convert_8bit import (
     dense_kernel_from_int8,
     from_bnb_state_dict_8bit,
     int8_weight_from_kernel,
-    quantize_dense_params,
+    quantize_params_8bit,
     to_bnb_state_dict_8bit,
 )
 from qflax.linen.dense_4bit import Dense4bit, DenseFP4, DenseNF4
@@ -39,7 +39,7 @@ __all__ = [
     "EmbedNF4", "LoRADense4bit", "OutlierAwareDense", "OutlierSplitWeight", "StableEmbed", "StandardDense",
     "SwitchBackDense", "SwitchBackDenseBnb", "SwitchBackDenseGlobal", "SwitchBackDenseGlobalMemEfficient",
     "SwitchBackDenseVectorwise", "dense_kernel_from_int8", "find_outlier_dims", "from_bnb_state_dict_8bit",
-    "int8_weight_from_kernel", "load_bnb_4bit", "params_kept_32bit", "prepare_for_eval", "quantize_dense_params",
+    "int8_weight_from_kernel", "load_bnb_4bit", "params_kept_32bit", "prepare_for_eval", "quantize_params_8bit",
     "quantize_outlier_aware", "quantize_params_4bit", "save_bnb_4bit", "state_labels_32bit",
     "to_bnb_4bit_state_dict", "to_bnb_state_dict_8bit",
 ]

@@ -33,7 +33,7 @@ def int8_weight_from_kernel(kernel: Any) -> int8_quant.Int8Rows:
     return int8_quant.quantize_rows(kernel.T)
 
 
-def quantize_dense_params(params: Mapping[str, Any]) -> dict[str, dict]:
+def quantize_params_8bit(params: Mapping[str, Any]) -> dict[str, dict]:
     """Turns float Dense params (nested to any depth) into frozen Dense8bitLt variables.
 
     Every sub-dict that holds a 2-D float ``"kernel"`` is treated as one dense layer: the
@@ -44,7 +44,7 @@ def quantize_dense_params(params: Mapping[str, Any]) -> dict[str, dict]:
 
     Example:
       >>> float_vars = float_mlp.init(rng, x)
-      >>> int8_vars = quantize_dense_params(float_vars["params"])
+      >>> int8_vars = quantize_params_8bit(float_vars["params"])
       >>> y = int8_mlp.apply(int8_vars, x)
 
     Args:
@@ -56,7 +56,7 @@ def quantize_dense_params(params: Mapping[str, Any]) -> dict[str, dict]:
     new_params, quantized = {}, {}
     for key, value in params.items():
         if isinstance(value, Mapping):
-            sub = quantize_dense_params(value)
+            sub = quantize_params_8bit(value)
             if sub["params"]:
                 new_params[key] = sub["params"]
             if sub["quantized"]:

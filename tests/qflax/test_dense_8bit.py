@@ -27,7 +27,7 @@ def _torch_linear(in_features, out_features, seed):
 
 def _frozen_layer(threshold, w, b):
     layer = qnn.Dense8bitLt(w.shape[0], threshold=threshold)
-    variables = qnn.quantize_dense_params({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)})
+    variables = qnn.quantize_params_8bit({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)})
     return layer, variables
 
 
@@ -86,7 +86,7 @@ def test_int8_codes_equal_bitsandbytes_quantizer():
 
 def test_bnb_state_dict_round_trip():
     w, b = _torch_linear(32, 16, seed=4)
-    variables = qnn.quantize_dense_params({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)})
+    variables = qnn.quantize_params_8bit({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)})
     sd = qnn.to_bnb_state_dict_8bit(variables, module_prefix="fc.")
     assert sorted(sd) == ["fc.SCB", "fc.bias", "fc.weight", "fc.weight_format"]
     assert sd["fc.weight"].dtype == np.int8 and sd["fc.weight"].shape == (16, 32)
@@ -117,7 +117,7 @@ def test_trainable_state_dict_is_float_weight_out_in():
 
 def test_bad_state_dicts_raise_clear_errors():
     w, b = _torch_linear(8, 4, seed=6)
-    sd = qnn.to_bnb_state_dict_8bit(qnn.quantize_dense_params({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}))
+    sd = qnn.to_bnb_state_dict_8bit(qnn.quantize_params_8bit({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}))
     with pytest.raises(ValueError, match="Expected supported weight format - got 7"):
         qnn.from_bnb_state_dict_8bit({**sd, "weight_format": np.array(7, np.uint8)})
     with pytest.raises(ValueError, match="Only 'row' weight format is supported, got col32"):
@@ -219,10 +219,10 @@ def test_mlp_with_trainable_int8_weights_reaches_float_loss():
     assert abs(loss_int8 - loss_float) / loss_float < 0.05
 
 
-def test_quantize_dense_params_converts_a_float_model():
+def test_quantize_params_8bit_converts_a_float_model():
     x = jax.random.normal(jax.random.key(2), (5, 16))
     float_vars = _MLP(nn.Dense).init(jax.random.key(3), x)
-    int8_vars = qnn.quantize_dense_params(float_vars["params"])
+    int8_vars = qnn.quantize_params_8bit(float_vars["params"])
     assert set(int8_vars["params"]["hidden"]) == {"bias"}
     assert isinstance(int8_vars["quantized"]["hidden"]["weight"], quant.Int8Rows)
     y8 = _MLP(qnn.Dense8bitLt).apply(int8_vars, x)
