@@ -7,10 +7,11 @@ graph, both in this process on the same weights.
 
 Usage (GPU machine):
   python benchmarks/bench_4bit.py --out results.json [--budget-s 280] [--dtypes bfloat16,float16]
-  python benchmarks/bench_4bit.py --sweep   # time tile configurations per M (fills TILE_TABLE)
+Tile tuning is benchmarks/tune_4bit_tiles.py (torch tensors, no JAX in the loop).
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -208,12 +209,10 @@ def bench_shape(k, n, rows, dtype_name, bandwidth, results, deadline):
                         t_gemv = time_graph(lambda: [bnb.functional.gemv_4bit(x_torch, w.t(), state=s)
                                                      for w, s in states]) / layers.count_4bit
             baseline, t_base = ("xla_dot", t_xla) if t_xla < t_torch else ("torch_f_linear_cuda_graph", t_torch)
-            plan = fourbit_plan.plan_matmul(m, n, k, 64, fourbit_jax._sm_count())
+            plan = fourbit_plan.plan_matmul(m, n, k, 64, dtype_name, fourbit_jax._sm_count())
             row = dict(op="matmul_4bit", quant="nf4", blocksize=64, M=m, K=k, N=n, dtype=dtype_name,
                        ours_us=t_ours * 1e6, baseline=baseline, baseline_us=t_base * 1e6, ratio=t_base / t_ours,
-                       path=f"triton:{plan.kernel}", plan=dict(block_m=plan.block_m, block_n=plan.block_n,
-                                                               split_k=plan.split_k, num_warps=plan.num_warps,
-                                                               num_stages=plan.num_stages, group=plan.group),
+                       path=f"triton:{plan.kernel}", plan=dataclasses.asdict(plan),
                        xla_bf16_us=t_xla * 1e6, torch_bf16_us=t_torch * 1e6,
                        xla_reference_4bit_us=None if t_ref is None else t_ref * 1e6,
                        ratio_vs_xla_reference=None if t_ref is None else t_ref / t_ours,
@@ -239,88 +238,6 @@ def bench_shape(k, n, rows, dtype_name, bandwidth, results, deadline):
     del layers, modules
 
 
-def candidates(m):
-    """Tile configurations the sweep times for ``m`` rows of x."""
-    gemv = [dict(kernel="gemv", block_n=bn, num_warps=w, group=g)
-            for bn, w, g in ((64, 4, 1), (128, 4, 1), (128, 4, 2), (128, 8, 1), (256, 8, 1), (256, 8, 2), (64, 2, 1))]
-    gemm = [dict(kernel="gemm", block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-            for bm, bn, w, st in ((16, 64, 4, 1), (16, 128, 4, 1), (16, 128, 4, 3), (16, 256, 8, 1),
-                                  (32, 128, 4, 1), (64, 64, 4, 1), (64, 128, 4, 1), (64, 128, 4, 3),
-                                  (64, 256, 8, 1), (128, 128, 8, 1), (128, 128, 8, 3), (128, 256, 8, 1))]
-    small = [c for c in gemm if c["block_m"] <= max(16, m)]
-    return (gemv if m == 1 else []) + [c for c in small if c["block_m"] >= min(m, 64) or c["block_m"] == 16]
-
-
-def sweep(shapes, rows, deadline):
-    """Times each tile configuration per M; prints the best (feeds fourbit_plan.TILE_TABLE)."""
-    table = []
-    for k, n in shapes:
-        layers = Layers(k, n, torch.bfloat16, nested_too=False)
-        for m in rows:
-            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-            configs = candidates(m)
-            timings = []
-            for config in configs:
-                if time.time() > deadline:
-                    break
-                try:
-                    timings.append((time_jax(ours_fn(config), x, layers.q, repeats=3) / layers.count_4bit, config))
-                except Exception as err:  # a config that does not compile is skipped, not fatal
-                    print(f"config {config} failed: {type(err).__name__}", flush=True)
-            timings.sort(key=lambda item: item[0])
-            for seconds, config in timings[:3]:
-                print(f"sweep K={k} N={n} M={m}: {seconds*1e6:8.1f}us {config}", flush=True)
-            table.append(dict(K=k, N=n, M=m, timings=[(s * 1e6, c) for s, c in timings]))
-        del layers
-    return table
-
-
-TUNE_CANDIDATES = {
-    1: [dict(kernel="gemv", block_n=bn, num_warps=w, num_stages=1, group=g)
-        for bn, w, g in ((64, 2, 1), (128, 4, 1), (128, 4, 2), (256, 4, 1), (256, 8, 1), (128, 2, 1))]
-       + [dict(kernel="gemm", block_m=16, block_n=128, num_warps=4, num_stages=1, group=1)],
-    16: [dict(kernel="gemm", block_m=16, block_n=bn, num_warps=w, num_stages=1, group=1)
-         for bn, w in ((64, 4), (128, 4), (256, 8))],
-    64: [dict(kernel="gemm", block_m=bm, block_n=bn, num_warps=4, num_stages=1, group=1)
-         for bm, bn in ((32, 128), (64, 64), (64, 128))],
-    256: [dict(kernel="gemm", block_m=bm, block_n=bn, num_warps=w, num_stages=1, group=1)
-          for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 256, 8))],
-}
-
-
-def tune(k, n, deadline):
-    """Times TUNE_CANDIDATES on one shape and installs the fastest per M in TILE_TABLE.
-
-    The table used is written to the results, and copied into fourbit_plan by hand.
-    """
-    layers = Layers(k, n, torch.bfloat16, nested_too=False)
-    picks = {}
-    for m, configs in TUNE_CANDIDATES.items():
-        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-        timings = []
-        for config in configs:
-            if time.time() > deadline:
-                break
-            try:
-                timings.append((time_jax(ours_fn(config), x, layers.q, repeats=3) / layers.count_4bit, config))
-            except Exception as err:  # a config that does not compile is skipped, not fatal
-                print(f"config {config} failed: {type(err).__name__}: {err}", flush=True)
-        timings.sort(key=lambda item: item[0])
-        for seconds, config in timings:
-            print(f"tune K={k} N={n} M={m}: {seconds*1e6:8.1f}us {config}", flush=True)
-        if timings:
-            picks[m] = timings[0][1]
-    del layers
-    table = []
-    for m in sorted(picks):
-        c = picks[m]
-        table.append((m, c["kernel"], c["block_m"] if c["kernel"] == "gemm" else 1, c["block_n"], c["num_warps"],
-                      c["num_stages"], c["group"]))
-    table.append(fourbit_plan.TILE_TABLE[-1])
-    fourbit_plan.TILE_TABLE = tuple(table)
-    return [list(row) for row in table]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="results JSON path")
@@ -328,8 +245,6 @@ def main():
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,...")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument("--budget-s", type=float, default=280.0)
-    parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--tune", default=None, help="KxN: pick tiles per M on this shape first")
     parser.add_argument("--grid", default=None, help="KxN:m,m,...;KxN:... (overrides --shapes/--rows)")
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
@@ -343,21 +258,16 @@ def main():
     results = dict(device=device, versions=versions(), date=datetime.date.today().isoformat(),
                    command=" ".join([os.path.basename(sys.executable)] + sys.argv), rows=[], skipped=[], errors=[],
                    xla_gemm={})
-    if args.sweep:
-        results["sweep"] = sweep(shapes, rows, deadline)
-    else:
-        if args.tune:
-            k, n = (int(v) for v in args.tune.split("x"))
-            results["tuned_on"] = args.tune
-        results["tile_table"] = tune(k, n, deadline) if args.tune else [list(r) for r in fourbit_plan.TILE_TABLE]
-        results["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
-        print(f"{device}: copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
-        for dtype_name in args.dtypes.split(","):
-            for (k, n), shape_rows in grid:
-                bench_shape(k, n, shape_rows, dtype_name, results["copy_bandwidth_GBps"] * 1e9, results, deadline)
-                if args.out:
-                    with open(args.out, "w") as f:
-                        json.dump(results, f, indent=1)
+    results["plans"] = dict(mma_tiles=[list(r) for r in fourbit_plan.MMA_TILES],
+                            float32_tile_table=[list(r) for r in fourbit_plan.TILE_TABLE])
+    results["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+    print(f"{device}: copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
+    for dtype_name in args.dtypes.split(","):
+        for (k, n), shape_rows in grid:
+            bench_shape(k, n, shape_rows, dtype_name, results["copy_bandwidth_GBps"] * 1e9, results, deadline)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

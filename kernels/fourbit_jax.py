@@ -39,25 +39,34 @@ def _fold_x_rule(unbatched, axis_size, in_batched, x, *rest):
 
 @functools.lru_cache(maxsize=None)
 def _matmul_fn(n: int, k: int, blocksize: int, nested: bool, has_bias: bool, override: tuple):
-    """Launcher for one static configuration: f(x, packed, absmax, pairs, nmap, nabs, noff, bias)."""
+    """Launcher for one static configuration: f(x, packed, absmax, quant_map, nmap, nabs, noff, bias)."""
 
-    def launch(x, packed, absmax, pairs, nested_map, nested_absmax, nested_offset, bias):
+    def launch(x, packed, absmax, quant_map, nested_map, nested_absmax, nested_offset, bias):
         import jax_triton
         from qflax_kernels import fourbit_triton
 
         m = x.shape[0]
-        plan = fourbit_plan.plan_matmul(m, n, k, blocksize, _sm_count(), dict(override))
+        options = dict(override)
+        # "use_asm": False runs the register-decode kernels' portable decode (tests compare the two).
+        use_asm = options.pop("use_asm", True)
+        plan = fourbit_plan.plan_matmul(m, n, k, blocksize, jnp.dtype(x.dtype).name, _sm_count(), options)
         split = plan.split_k > 1
         out_shape = jax.ShapeDtypeStruct((plan.split_k, m, n) if split else (m, n), jnp.float32 if split else x.dtype)
         common = dict(N=n, K=k, BS=blocksize, BN=plan.block_n, SPLIT_K=plan.split_k,
                       NESTED=nested, NESTED_BS=NESTED_BLOCKSIZE, HAS_BIAS=has_bias)
-        if plan.kernel == "gemv":
-            kernel, extra = fourbit_triton.fourbit_gemv_kernel, dict(GROUP=plan.group)
+        table = quant_map.astype(jnp.float32)
+        if plan.kernel == "word_gemv":
+            kernel, extra = fourbit_triton.fourbit_word_gemv_kernel, dict(SW=plan.words, USE_ASM=use_asm)
+        elif plan.kernel == "mma":
+            kernel = fourbit_triton.fourbit_matmul_kernel
+            extra = dict(M=m, BM=plan.block_m, BK=plan.block_k, USE_ASM=use_asm)
+        elif plan.kernel == "gemv":
+            kernel, extra, table = fourbit_triton.fourbit_gemv_kernel, dict(GROUP=plan.group), code_pairs(quant_map)
         else:
-            kernel = fourbit_triton.fourbit_gemm_kernel
+            kernel, table = fourbit_triton.fourbit_gemm_kernel, code_pairs(quant_map)
             extra = dict(M=m, BM=plan.block_m, PRECISION=_precision(x.dtype))
         out = jax_triton.triton_call(
-            x, packed, absmax, pairs, nested_map, nested_absmax, nested_offset, bias,
+            x, packed, absmax, table, nested_map, nested_absmax, nested_offset, bias,
             kernel=kernel, out_shape=out_shape, grid=plan.grid,
             num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **extra,
         )
@@ -101,7 +110,8 @@ def code_pairs(quant_map):
     """(256, 2) float32 table: row b holds the code values of byte b's high and low nibble.
 
     Built from the (16,) quant_map of each weight (so a stored table is honoured); the
-    kernels decode a packed byte with one 8-byte load from it.
+    float32 kernels decode a packed byte with one 8-byte load from it (the float16/bfloat16
+    kernels take the quant_map itself and keep it in registers).
     """
     byte = jnp.arange(256, dtype=jnp.int32)
     table = quant_map.astype(jnp.float32)
@@ -139,7 +149,8 @@ def matmul_4bit(x, packed, absmax, quant_map, *, shape, blocksize, bias=None,
       bias: optional (N,) bias.
       nested_absmax, nested_quant_map, nested_offset: double-quantization statistics
         (float32 (ceil(nblocks/256),), (256,), scalar) or None.
-      plan_override: optional dict of :class:`fourbit_plan.Plan` fields (tile sweeps).
+      plan_override: optional dict of :class:`fourbit_plan.Plan` fields (tile sweeps), and
+        ``use_asm`` (default True; False decodes without inline PTX, for tests).
 
     Returns:
       (..., N) array of x's dtype.
@@ -151,7 +162,7 @@ def matmul_4bit(x, packed, absmax, quant_map, *, shape, blocksize, bias=None,
     bias_arg = jnp.zeros((1,), x.dtype) if bias is None else bias.astype(x.dtype)
     fn = _matmul_fn(n, k, blocksize, nested_absmax is not None, bias is not None,
                     tuple(sorted((plan_override or {}).items())))
-    out = fn(x2, packed.reshape(-1), stats[0], code_pairs(quant_map), *stats[1:], bias_arg)
+    out = fn(x2, packed.reshape(-1), stats[0], quant_map, *stats[1:], bias_arg)
     return out.reshape(*lead, n)
 
 

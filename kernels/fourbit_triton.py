@@ -4,29 +4,46 @@ The weight W has shape (N, K) (out, in) and is flattened row-major; block ``b`` 
 elements ``[b * BS, (b + 1) * BS)`` and one absmax. With ``K % BS == 0`` (required by the
 launchers) block ``n * (K // BS) + g`` is row n, columns ``[g * BS, (g + 1) * BS)``, so its
 ``BS // 2`` packed bytes are contiguous and byte j holds column ``g * BS + 2j`` in the high
-nibble and ``g * BS + 2j + 1`` in the low one. Every kernel walks K in whole quantization
-blocks, one absmax per (row, block), and decodes a byte's two codes with one 8-byte load
-from a 256-entry table of value pairs (built from the 16-entry quant_map by the launcher).
+nibble and ``g * BS + 2j + 1`` in the low one.
+
+Two families:
+
+- float16/bfloat16 activations, register decode (``fourbit_decode``): the code table is
+  held in registers and packed int32 words are decoded with ``prmt`` byte permutes.
+  :func:`fourbit_word_gemv_kernel` (one row of x, CUDA-core FMAs) and
+  :func:`fourbit_matmul_kernel` (tensor cores, any number of rows).
+- float32 activations (exact decode) and the input gradient: every weight's value is loaded
+  from a 256-entry table of code pairs (built from the quant_map by the launcher).
+  :func:`fourbit_gemv_kernel`, :func:`fourbit_gemm_kernel`, :func:`fourbit_grad_input_kernel`.
 
 Double-quantized statistics (NESTED) are decoded where they are used:
 ``absmax = nested_map[code] * nested_absmax[block // NESTED_BS] + offset``.
 
 The same functions run on the GPU through jax-triton and on torch CPU tensors under
-``TRITON_INTERPRET=1`` (the CI tests).
+``TRITON_INTERPRET=1`` (the CI tests; there the register-decode kernels take their portable
+path, ``USE_ASM=False``, as the interpreter cannot run inline assembly).
 """
 
 import triton
 import triton.language as tl
 
+from qflax_kernels import fourbit_decode
+
 
 @triton.jit
 def _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, blk, mask,
                   NESTED: tl.constexpr, NESTED_BS: tl.constexpr):
-    """float32 absmax of blocks ``blk`` (decoding double quantization in place)."""
+    """float32 absmax of blocks ``blk`` (decoding double quantization in place); ``mask`` may be None."""
     if NESTED:
-        code = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + blk // NESTED_BS, mask=mask, other=0.0)
+        if mask is None:
+            code = tl.load(absmax_ptr + blk).to(tl.int32)
+            scale = tl.load(nested_absmax_ptr + blk // NESTED_BS)
+        else:
+            code = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(nested_absmax_ptr + blk // NESTED_BS, mask=mask, other=0.0)
         return tl.load(nested_map_ptr + code) * scale + tl.load(offset_ptr)
+    elif mask is None:
+        return tl.load(absmax_ptr + blk)
     else:
         return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
 
@@ -186,3 +203,155 @@ def fourbit_grad_input_kernel(
         acc = tl.dot(grad, w, acc, input_precision=PRECISION)
     out_rows = out_ptr + offs_m[:, None] * K + (g * BS + offs_k)[None, :]
     tl.store(out_rows, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+@triton.jit
+def fourbit_matmul_kernel(
+    x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+    bias_ptr, out_ptr,
+    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+    NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """out = x @ W.T for float16/bfloat16 x, W decoded in registers (``fourbit_decode``).
+
+    The W tile is the dot's first operand and x's rows the second, so the tensor cores'
+    M dimension is filled by weight rows even when x has one row (its tile is padded with
+    masked rows to BM >= 16). Each step reads BK columns (BK // BS whole quantization
+    blocks) of BN weight rows as int32 words; Triton's pipeliner keeps ``num_stages`` steps
+    of loads in flight.
+
+    Grid: (cdiv(M, BM), cdiv(N, BN), SPLIT_K); the M tiles vary fastest, so programs that
+    share a W tile run together and W comes from DRAM about once. With SPLIT_K > 1 each
+    program writes float32 partial sums ``out[s, m, n]`` that the launcher adds up.
+    """
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    planes = fourbit_decode.table_planes(quant_map_ptr, DTYPE)
+    WPB: tl.constexpr = BS // 8  # int32 words per quantization block
+    GROUPS: tl.constexpr = BK // BS
+    KB: tl.constexpr = K // BS
+    # The launcher picks SPLIT_K and BK so every split has STEPS whole steps.
+    STEPS: tl.constexpr = KB // GROUPS // SPLIT_K
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, WPB)
+    offs_k = tl.arange(0, BS)
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    for step in range(STEPS):
+        # One dot per quantization block: 2-D tiles whose absmax is one value per row,
+        # so the decode runs in the layout the words were loaded in.
+        for group in tl.static_range(GROUPS):
+            block = (pid_k * STEPS + step) * GROUPS + group
+            blk = offs_n * KB + block
+            words = tl.load(words_ptr + blk[:, None] * WPB + offs_w[None, :], mask=n_mask[:, None], other=0)
+            scale = _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, blk, n_mask,
+                                  NESTED, NESTED_BS)
+            w = fourbit_decode.decode_scaled(words, scale, planes, BN, WPB, DTYPE, USE_ASM)
+            x = tl.load(x_ptr + offs_m[:, None] * K + (block * BS + offs_k)[None, :], mask=m_mask[:, None],
+                        other=0.0)
+            acc = tl.dot(w, tl.trans(x), acc)
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None], acc, mask=out_mask)
+
+
+@triton.jit
+def _word_gemv_inputs(x_cols, words_at, scale_at, blocks_at, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+                      step: tl.constexpr, SW: tl.constexpr, WPB: tl.constexpr, NESTED: tl.constexpr,
+                      NESTED_BS: tl.constexpr):
+    """Step ``step``'s words and absmax (flat [BN * SW]) and its 8 x columns ([1, SW]).
+
+    The pointer tensors are the step-0 addresses; with ``step`` a constant (unrolled loop)
+    the step offset becomes an immediate of each load instead of address arithmetic.
+    """
+    words = tl.load(words_at + step * SW)
+    if NESTED:
+        code = tl.load(scale_at + step * (SW // WPB)).to(tl.int32)
+        group = tl.load(nested_absmax_ptr + (blocks_at + step * (SW // WPB)) // NESTED_BS)
+        scale = tl.load(nested_map_ptr + code) * group + tl.load(offset_ptr)
+    else:
+        scale = tl.load(scale_at + step * (SW // WPB))
+    cols = x_cols + step * SW * 8
+    return (words, scale, tl.load(cols).to(tl.float32), tl.load(cols + 1).to(tl.float32),
+            tl.load(cols + 2).to(tl.float32), tl.load(cols + 3).to(tl.float32), tl.load(cols + 4).to(tl.float32),
+            tl.load(cols + 5).to(tl.float32), tl.load(cols + 6).to(tl.float32), tl.load(cols + 7).to(tl.float32))
+
+
+@triton.jit
+def fourbit_word_gemv_kernel(
+    x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+    bias_ptr, out_ptr,
+    N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, SW: tl.constexpr,
+    SPLIT_K: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    """out = x @ W.T for one row x (float16/bfloat16) with CUDA-core FMAs; W read once.
+
+    Each thread owns one packed word (8 columns) in each of BN rows per step, so the 8 x
+    values of its columns are loaded and widened once and reused for the BN rows, and
+    ``fourbit_decode.word_dot`` turns a word into its 8-term dot product in registers (code
+    values in bfloat16, widened by a shift; absmax applied in float32 to the word's sum).
+    A step covers SW words (8 * SW columns) of BN rows; the next step's words are requested
+    before the current ones are decoded.
+
+    Grid: (cdiv(N, BN), SPLIT_K). With SPLIT_K > 1 program (i, s) writes float32 partial
+    sums ``out[s, n]`` of the s-th slice of K, which the launcher adds up (with the bias).
+    """
+    planes = fourbit_decode.table_planes(quant_map_ptr, tl.bfloat16)
+    WPR: tl.constexpr = K // 8  # packed int32 words per row
+    WPB: tl.constexpr = BS // 8
+    KB: tl.constexpr = K // BS
+    # The launcher picks SW and SPLIT_K so every split has STEPS whole steps.
+    STEPS: tl.constexpr = WPR // SW // SPLIT_K
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    # The [BN, SW] tiles are built from flat ranges of BN * SW elements, one per thread per
+    # row (contiguity 1 on purpose): with SW threads, element r * SW + w of every row r lands
+    # on thread w, so a thread holds word w of all BN rows, and the x columns it needs (one
+    # [SW] load each) broadcast over its rows without shuffles. A warp still reads 128
+    # contiguous bytes per row.
+    flat = tl.arange(0, BN * SW)
+    # Rows past N read row N - 1 again (their sums are not stored): no masks in the loop.
+    flat_row = tl.minimum(pid_n * BN + flat // SW, N - 1)
+    flat_word = tl.max_contiguous(flat % SW, 1)
+    offs_w = tl.max_contiguous(tl.arange(0, SW), 1)
+    first = pid_k * STEPS * SW
+    # Step-0 addresses; every load of the loop is one of these plus a constant.
+    words_at = packed_ptr.to(tl.pointer_type(tl.int32)) + flat_row * WPR + first + flat_word
+    blocks_at = flat_row * KB + (first + flat_word) // WPB
+    scale_at = absmax_ptr + blocks_at
+    x_cols = x_ptr + ((first + offs_w) * 8)[None, :]
+    acc = tl.zeros([BN, SW], dtype=tl.float32)
+    # Each step's loads are issued one step ahead (the last step re-reads step 0: valid
+    # memory, unused, so no load needs a mask). The loop is unrolled, so addresses are
+    # immediates (the integer pipe is what limits this kernel).
+    words, scale, x0, x1, x2, x3, x4, x5, x6, x7 = _word_gemv_inputs(
+        x_cols, words_at, scale_at, blocks_at, nested_map_ptr, nested_absmax_ptr, offset_ptr, 0, SW, WPB, NESTED,
+        NESTED_BS)
+    for step in tl.static_range(STEPS):
+        words_n, scale_n, x0_n, x1_n, x2_n, x3_n, x4_n, x5_n, x6_n, x7_n = _word_gemv_inputs(
+            x_cols, words_at, scale_at, blocks_at, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+            (step + 1) % STEPS, SW, WPB, NESTED, NESTED_BS)
+        part = fourbit_decode.word_dot(tl.reshape(words, [BN, SW]), x0, x1, x2, x3, x4, x5, x6, x7, planes, USE_ASM)
+        acc += part * tl.reshape(scale, [BN, SW])
+        words, scale, x0, x1, x2, x3, x4, x5, x6, x7 = (words_n, scale_n, x0_n, x1_n, x2_n, x3_n, x4_n, x5_n, x6_n,
+                                                        x7_n)
+    total = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(out_ptr + pid_k * N + offs_n, total, mask=n_mask)

@@ -15,17 +15,20 @@ from qflax.quant.fourbit import Packed4bit
 
 
 # Where the fused kernels beat the XLA path (dequantize once, then cuBLAS), measured on an
-# H100 (benchmarks/results/bench_4bit-H100-2026-11-25.json): at every measured M <= 32, and up
-# to M = 256 for layers with >= 8192 output features; narrower layers (4096x4096, 14336x4096)
-# at M >= 64, and every layer at M = 1024, were faster on the XLA path. Auto dispatch only
-# picks the kernels inside these bounds.
+# H100. float16/bfloat16 (register-decode kernels, benchmarks/results/bench_4bit-H100-*.json):
+# faster at every measured M <= 256 on every benchmark shape. float32 (code-table kernels,
+# the first results file): at every measured M <= 32, and up to M = 256 for layers with
+# >= 8192 output features. Auto dispatch only picks the kernels inside these bounds.
+HALF_PRECISION_ROWS = 256
 SMALL_BATCH_ROWS = 32
 WIDE_LAYER_ROWS = 256
 WIDE_LAYER_OUT_FEATURES = 8192
 
 
-def max_kernel_rows(out_features: int) -> int:
+def max_kernel_rows(out_features: int, compute_dtype: str = "float32") -> int:
     """The largest number of rows of x for which the kernels are used on a layer this wide."""
+    if np.dtype(compute_dtype).name in ("float16", "bfloat16"):
+        return HALF_PRECISION_ROWS
     return WIDE_LAYER_ROWS if out_features >= WIDE_LAYER_OUT_FEATURES else SMALL_BATCH_ROWS
 
 
@@ -34,8 +37,8 @@ def kernel_supports(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
 
     True when JAX runs on a GPU with jax-triton, the weight is 2-D with ``in_features`` a
     multiple of its blocksize, the blocksize is 64 or 128, the compute dtype is float16,
-    bfloat16 or float32, and x has at most :func:`max_kernel_rows` rows. Anything else takes
-    the XLA reference path.
+    bfloat16 or float32, and x has at most :func:`max_kernel_rows` rows (256 for 16-bit
+    activations). Anything else takes the XLA reference path.
 
     Args:
       x: the activations (or output gradient), ``(..., features)``.
@@ -46,7 +49,7 @@ def kernel_supports(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
       bool.
     """
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if len(q.shape) != 2 or q.quant_map.shape != (16,) or rows > max_kernel_rows(q.shape[0]):
+    if len(q.shape) != 2 or q.quant_map.shape != (16,) or rows > max_kernel_rows(q.shape[0], compute_dtype):
         return False
     if not dispatch.triton_available():
         return False

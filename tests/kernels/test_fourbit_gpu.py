@@ -58,6 +58,43 @@ def test_forward_matches_reference_under_jit(index, small):
     assert _relative_error(out, _reference(x, q, bias)) < TOLERANCE[dtype]
 
 
+REGISTER_DECODE_PLANS = [
+    dict(kernel="word_gemv"),  # 4 warps, 128 words a step
+    dict(kernel="word_gemv", block_n=8, split_k=2),
+    dict(kernel="word_gemv", words=64, block_n=4),
+    dict(kernel="mma", block_m=16, block_k=128, split_k=4),
+    dict(kernel="mma", block_m=64, block_n=64, block_k=256),
+    dict(kernel="mma", block_m=256, block_n=128, block_k=64, split_k=2),
+]
+
+
+@pytest.mark.parametrize("plan", REGISTER_DECODE_PLANS, ids=lambda p: "-".join(f"{k}{v}" for k, v in p.items()))
+@pytest.mark.parametrize("dtype", ("bfloat16", "float16"))
+def test_register_decode_assembly_matches_portable_decode_and_reference(plan, dtype):
+    """The prmt decode in inline PTX gives the portable path's weights (bit-identical products
+    for the tensor-core kernel), and both match the XLA reference; N has a tail, K = 2048."""
+    from qflax_kernels import fourbit_jax
+
+    n, k = 1000, 2048
+    rows = 1 if plan["kernel"] == "word_gemv" else 37
+    keys = jax.random.split(jax.random.key(11), 3)
+    q = _weight(keys[0], n, k, 64, "nf4", True)
+    x = jax.random.normal(keys[1], (rows, k), jnp.float32).astype(dtype)
+    bias = jax.random.normal(keys[2], (n,), jnp.float32).astype(dtype)
+
+    def run(use_asm):
+        fn = jax.jit(lambda x, q, b: fourbit_jax.matmul_4bit(
+            x, bias=b, plan_override=dict(plan, use_asm=use_asm), **_kernel_args(q)))
+        return np.asarray(fn(x, q, bias).astype(jnp.float32))
+
+    asm, portable = run(True), run(False)
+    if plan["kernel"] == "mma":
+        np.testing.assert_array_equal(asm, portable)
+    else:  # same values, different FMA association: a few outputs round to the neighbouring value
+        assert float(np.linalg.norm(asm - portable) / np.linalg.norm(portable)) < TOLERANCE[dtype] / 8
+    assert _relative_error(jnp.asarray(asm), _reference(x, q, bias)) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("index", range(len(COMBOS)))
 def test_grad_input_matches_reference(index):
     from qflax_kernels import fourbit_jax

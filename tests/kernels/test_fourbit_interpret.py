@@ -38,16 +38,24 @@ def _weight(rng, n, k, blocksize, quant_type, nested):
     return q, np.asarray(fourbit.dequantize_4bit(q), np.float32)
 
 
-def _weight_tensors(q):
+def _weight_tensors(q, table="pairs"):
+    """Kernel arguments after x: packed, absmax, table, nested map, nested absmax, nested offset.
+
+    ``table`` "pairs" gives the float32 kernels' (256, 2) code-pair table, "quant_map" the
+    (16,) table the register-decode kernels take.
+    """
     placeholder = torch.zeros(1, dtype=torch.float32)
     if q.nested:
         stats = (_torch(q.absmax), _torch(q.nested_quant_map), _torch(q.nested_absmax), _torch(q.nested_offset).reshape(1))
     else:
         stats = (_torch(q.absmax), placeholder, placeholder, placeholder)
-    table = np.asarray(q.quant_map, np.float32)
-    byte = np.arange(256)
-    pairs = torch.from_numpy(np.stack([table[byte >> 4], table[byte & 15]], axis=-1))  # as fourbit_jax.code_pairs
-    return (_torch(q.packed).reshape(-1), stats[0], pairs, *stats[1:])
+    table_values = np.asarray(q.quant_map, np.float32)
+    if table == "quant_map":
+        table_arg = torch.from_numpy(table_values.copy())
+    else:
+        byte = np.arange(256)
+        table_arg = torch.from_numpy(np.stack([table_values[byte >> 4], table_values[byte & 15]], axis=-1))
+    return (_torch(q.packed).reshape(-1), stats[0], table_arg, *stats[1:])
 
 
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -67,15 +75,22 @@ def run_matmul(x, q, bias, override):
 
     m, k = x.shape
     n = q.shape[0]
-    plan = fourbit_plan.plan_matmul(m, n, k, q.blocksize, override=override)
+    dtype_name = str(x.dtype).removeprefix("torch.")
+    plan = fourbit_plan.plan_matmul(m, n, k, q.blocksize, dtype_name, override=override)
     split = plan.split_k > 1
     # Poisoned output: every element must be written.
     out = torch.full((plan.split_k, m, n) if split else (m, n), float("nan"), dtype=torch.float32 if split else x.dtype)
     bias_arg = torch.zeros(1, dtype=x.dtype) if bias is None else bias
     common = dict(N=n, K=k, BS=q.blocksize, BN=plan.block_n, SPLIT_K=plan.split_k,
                   NESTED=q.nested, NESTED_BS=256, HAS_BIAS=bias is not None)
-    args = (x, *_weight_tensors(q), bias_arg, out)
-    if plan.kernel == "gemv":
+    register_decode = plan.kernel in ("word_gemv", "mma")
+    args = (x, *_weight_tensors(q, "quant_map" if register_decode else "pairs"), bias_arg, out)
+    if plan.kernel == "word_gemv":
+        fourbit_triton.fourbit_word_gemv_kernel[plan.grid](*args, **common, SW=plan.words, USE_ASM=False)
+    elif plan.kernel == "mma":
+        fourbit_triton.fourbit_matmul_kernel[plan.grid](*args, **common, M=m, BM=plan.block_m, BK=plan.block_k,
+                                                          USE_ASM=False)
+    elif plan.kernel == "gemv":
         fourbit_triton.fourbit_gemv_kernel[plan.grid](*args, **common, GROUP=plan.group)
     else:
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -109,7 +124,7 @@ def _check_forward(index, kernel, m, k, override):
     x = _cast(rng.standard_normal((m, k)).astype(np.float32), dtype)
     bias = _cast(rng.standard_normal(n).astype(np.float32), dtype) if index % 2 else None
     out, plan = run_matmul(_torch(x).to(DTYPES[dtype]), q, None if bias is None else _torch(bias).to(DTYPES[dtype]),
-                           dict(kernel=kernel, block_n=32, **override))
+                           dict(dict(kernel=kernel, block_n=32), **override))
     assert (plan.kernel, out.shape, out.dtype) == (kernel, (m, n), DTYPES[dtype])
     w_rounded = _cast(w, dtype)  # the reference dequantizes into the activation dtype
     ref = np.asarray(jnp.dot(jnp.asarray(x), jnp.asarray(w_rounded).T, precision=jax.lax.Precision.HIGHEST))
@@ -128,6 +143,26 @@ def test_gemv_kernel_matches_xla_reference(index):
 def test_gemm_kernel_matches_xla_reference(index):
     # M tails against BM=16; K = 256 gives 4 or 2 blocks, split in 2 or not.
     _check_forward(index, "gemm", ROWS[index % len(ROWS)], 256, dict(block_m=16, split_k=2 if index % 4 < 2 else 1))
+
+
+HALF_COMBOS = [i for i, combo in enumerate(COMBOS) if combo[3] != "float32"]
+
+
+@pytest.mark.parametrize("index", HALF_COMBOS)
+def test_word_gemv_kernel_matches_xla_reference(index):
+    # K = 512 is 64 words a row: steps of 32 words (one warp), 2 steps, split in 1 or 2; N
+    # is no multiple of 4 or 8 rows. The bfloat16 code table (float16 too) stays within the
+    # float16 tolerance.
+    _check_forward(index, "word_gemv", 1, 512, dict(block_n=4 << (index % 2), words=32,
+                                                    split_k=1 + (index // 2) % 2))
+
+
+@pytest.mark.parametrize("index", HALF_COMBOS)
+def test_mma_kernel_matches_xla_reference(index):
+    # M tails against BM=16; K = 512 in steps of one or two blocks, split in 2 or not.
+    blocksize = COMBOS[index][1]
+    _check_forward(index, "mma", ROWS[index % len(ROWS)], 512,
+                   dict(block_m=16, block_k=blocksize * (1 + index % 2), split_k=2 if index % 4 < 2 else 1))
 
 
 @pytest.mark.parametrize("index", range(len(COMBOS)))
@@ -155,3 +190,16 @@ def test_default_plans_cover_small_and_large_batches():
         kernels.append(plan.kernel)
         assert _relative_error(out, x @ w.T) < 1e-5
     assert kernels[0] == "gemv" and kernels[-1] == "gemm"
+
+
+def test_default_plans_for_16_bit_activations_use_the_register_decode_kernels():
+    """bfloat16 x: one row takes the word gemv, more rows the tensor-core kernel (M = 1, 3, 17, 64)."""
+    rng = np.random.default_rng(8)
+    q, w = _weight(rng, 72, 512, 64, "nf4", True)
+    kernels = []
+    for m in ROWS:
+        x = _cast(rng.standard_normal((m, 512)).astype(np.float32), "bfloat16")
+        out, plan = run_matmul(_torch(x).to(torch.bfloat16), q, None, None)
+        kernels.append(plan.kernel)
+        assert _relative_error(out, x @ _cast(w, "bfloat16").T) < TOLERANCE["bfloat16"]
+    assert kernels == ["word_gemv", "mma", "mma", "mma"]

@@ -11,30 +11,60 @@ from qflax_kernels import fourbit_jax, fourbit_plan
 
 
 @pytest.mark.parametrize("m", [1, 2, 16, 17, 64, 200, 256, 1024, 4096])
-@pytest.mark.parametrize("n, k", [(8192, 8192), (14336, 4096), (4096, 14336), (1000, 768)])
-def test_plan_grid_covers_the_output_and_split_divides_k(m, n, k):
-    plan = fourbit_plan.plan_matmul(m, n, k, 64)
+@pytest.mark.parametrize("n, k", [(8192, 8192), (14336, 4096), (4096, 14336), (1000, 768), (64, 320)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_plan_grid_covers_the_output_and_split_divides_k(m, n, k, dtype):
+    plan = fourbit_plan.plan_matmul(m, n, k, 64, dtype)
     blocks = k // 64
-    assert blocks % (plan.split_k * plan.group) == 0
-    assert plan.split_k == 1 or blocks // plan.split_k >= 8
-    if plan.kernel == "gemv":
-        assert m == 1 and plan.grid == (-(-n // plan.block_n), plan.split_k)
+    if plan.kernel == "word_gemv":
+        assert m == 1 and dtype == "bfloat16" and plan.grid == (-(-n // plan.block_n), plan.split_k)
+        assert plan.words % 32 == 0 and plan.num_warps == plan.words // 32  # one thread per word
+        assert (k // 8) % (plan.words * plan.split_k) == 0
+        assert (k // 8) // plan.words // plan.split_k <= fourbit_plan.WORD_GEMV_MAX_STEPS
+    elif plan.kernel == "mma":
+        assert dtype == "bfloat16" and plan.grid == (-(-m // plan.block_m), -(-n // plan.block_n), plan.split_k)
+        assert plan.block_m >= 16 and plan.block_k % 64 == 0 and (k // plan.block_k) % plan.split_k == 0
     else:
-        assert plan.grid == (-(-m // plan.block_m), -(-n // plan.block_n), plan.split_k)
-        assert plan.block_m >= 16  # tensor-core dots need 16 rows
+        assert dtype == "float32" and blocks % (plan.split_k * plan.group) == 0
+        assert plan.split_k == 1 or blocks // plan.split_k >= 8
+        if plan.kernel == "gemv":
+            assert m == 1 and plan.grid == (-(-n // plan.block_n), plan.split_k)
+        else:
+            assert plan.grid == (-(-m // plan.block_m), -(-n // plan.block_n), plan.split_k)
+            assert plan.block_m >= 16  # tensor-core dots need 16 rows
+
+
+def test_one_row_of_16_bit_activations_takes_the_word_gemv_when_k_allows():
+    assert fourbit_plan.plan_matmul(1, 8192, 8192, 64, "float16").kernel == "word_gemv"
+    assert fourbit_plan.plan_matmul(1, 64, 320, 64, "bfloat16").kernel == "mma"  # 40 words a row: no warp of them
+    assert fourbit_plan.plan_matmul(2, 8192, 8192, 64, "bfloat16").kernel == "mma"
+    long_rows = fourbit_plan.plan_matmul(1, 4096, 65536, 64, "bfloat16")  # 64 steps of 128 words
+    assert long_rows.split_k == 2 and long_rows.grid == (512, 2)
 
 
 def test_split_k_partial_sums_stay_small():
-    # M=256 on 8192x8192: float32 partials of one split are 8 MiB against a 32 MiB weight.
-    assert fourbit_plan.plan_matmul(256, 8192, 8192, 64).split_k == 1
-    assert fourbit_plan.plan_matmul(1, 8192, 8192, 64).split_k > 1
+    # M=256 on 8192x8192 (float32 kernels): partials of one split are 8 MiB against a 32 MiB weight.
+    assert fourbit_plan.plan_matmul(256, 8192, 8192, 64, "float32").split_k == 1
+    assert fourbit_plan.plan_matmul(1, 8192, 8192, 64, "float32").split_k > 1
+    for m in (2, 16, 64, 256, 1024):
+        plan = fourbit_plan.plan_matmul(m, 8192, 8192, 64, "bfloat16")
+        # float32 partials written and read back stay within the weight's bytes
+        assert plan.split_k == 1 or 2 * plan.split_k * 4 * m * 8192 <= 8192 * 8192 // 2
 
 
 def test_plan_rejects_bad_overrides():
     with pytest.raises(ValueError, match="split_k"):
-        fourbit_plan.plan_matmul(1, 128, 64 * 12, 64, override=dict(split_k=8))
+        fourbit_plan.plan_matmul(1, 128, 64 * 12, 64, "float32", override=dict(split_k=8))
     with pytest.raises(ValueError, match="gemv kernel takes one row"):
         fourbit_plan.plan_matmul(3, 128, 256, 64, override=dict(kernel="gemv"))
+    with pytest.raises(ValueError, match="word_gemv kernel takes one row"):
+        fourbit_plan.plan_matmul(3, 128, 256, 64, "bfloat16", override=dict(kernel="word_gemv"))
+    with pytest.raises(ValueError, match="words per step must be a multiple of 32"):
+        fourbit_plan.plan_matmul(1, 128, 320, 64, "bfloat16", override=dict(kernel="word_gemv"))
+    with pytest.raises(ValueError, match="split_k must divide"):
+        fourbit_plan.plan_matmul(16, 128, 64 * 12, 64, "bfloat16", override=dict(block_k=128, split_k=4))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fourbit_plan.plan_matmul(16, 128, 256, 64, "bfloat16", override=dict(kernel="fast"))
 
 
 @pytest.mark.parametrize(
@@ -75,13 +105,15 @@ def test_kernel_supports_rules_when_triton_is_available(monkeypatch):
 
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     q64 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
-    small = jnp.ones((4, 8, 256), jnp.bfloat16)  # 32 rows: the largest batch for a narrow layer
+    small = jnp.ones((4, 8, 256), jnp.bfloat16)  # 32 rows: the largest float32 batch for a narrow layer
     assert fourbit_kernels.kernel_supports(small, q64, "bfloat16")
     assert fourbit_kernels.kernel_supports(small, q64, "float32")
-    assert not fourbit_kernels.kernel_supports(jnp.ones((33, 256), jnp.bfloat16), q64, "bfloat16")
+    assert not fourbit_kernels.kernel_supports(jnp.ones((33, 256), jnp.float32), q64, "float32")
+    assert fourbit_kernels.kernel_supports(jnp.ones((256, 256), jnp.float16), q64, "float16")
+    assert not fourbit_kernels.kernel_supports(jnp.ones((257, 256), jnp.float16), q64, "float16")
     wide = fourbit.quantize_4bit(jnp.ones((8192, 64), jnp.float32), blocksize=64)
-    assert fourbit_kernels.kernel_supports(jnp.ones((256, 64), jnp.bfloat16), wide, "bfloat16")
-    assert not fourbit_kernels.kernel_supports(jnp.ones((257, 64), jnp.bfloat16), wide, "bfloat16")
+    assert fourbit_kernels.kernel_supports(jnp.ones((256, 64), jnp.float32), wide, "float32")
+    assert not fourbit_kernels.kernel_supports(jnp.ones((257, 64), jnp.float32), wide, "float32")
     q256 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=256)
     assert not fourbit_kernels.kernel_supports(small, q256, "bfloat16")
     q_odd_k = fourbit.quantize_4bit(jnp.ones((64, 96), jnp.float32), blocksize=64)

@@ -9,6 +9,7 @@ reference, and FP4 values against bitsandbytes' dequantization within tolerance.
 """
 
 import json
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,8 @@ def _near_midpoint(scaled: np.ndarray, table: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("nested", [False, True])
 def test_nf4_bytes_match_bitsandbytes(dtype, blocksize, shape, nested):
-    torch.manual_seed(hash((dtype, blocksize, shape, nested)) % 2**31)
+    # crc32, not hash(): str hashes change from process to process (PYTHONHASHSEED).
+    torch.manual_seed(zlib.crc32(repr((dtype, blocksize, shape, nested)).encode()))
     a = torch.randn(*shape, dtype=TORCH_DTYPES[dtype]) * 3
     packed_bnb, state = F.quantize_4bit(a, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
     q = quant.quantize_4bit(torch_to_jax(a), blocksize, "nf4", compress_statistics=nested)
@@ -62,7 +64,8 @@ def test_nf4_bytes_match_bitsandbytes(dtype, blocksize, shape, nested):
         return
     # Double quantization: the offset is a float32 mean; ours is correctly rounded (checked
     # against float64), torch's threaded cascade sum may be a few ulps off; allow 4 ulps there, and check the nested
-    # codes and statistics bit for bit given bitsandbytes' own offset.
+    # statistics bit for bit and the nested codes up to bitsandbytes' CPU search (below), given
+    # bitsandbytes' own offset.
     offset_bnb = np.float32(state.offset.item())
     exact = np.float32(np.mean(ref_absmax.astype(np.float64)))
     assert abs(np.float32(q.nested_offset) - exact) <= np.spacing(exact)
@@ -71,10 +74,23 @@ def test_nf4_bytes_match_bitsandbytes(dtype, blocksize, shape, nested):
     codes, nested_absmax = blockwise.quantize_flat(
         raw_absmax - jnp.float32(offset_bnb), jnp.asarray(codebooks.DYNAMIC_MAP), 256
     )
-    np.testing.assert_array_equal(np.asarray(codes), state.absmax.numpy())
     np.testing.assert_array_equal(np.asarray(nested_absmax), state.state2.absmax.numpy())
+    # 8-bit codes of the absmax: equal, except that bitsandbytes' CPU binary search sometimes
+    # returns the neighbour of the nearest dynamic-map entry (seen next to the table's ends);
+    # there our code must be the nearest entry and theirs the adjacent one.
+    their_codes = state.absmax.numpy()
+    ours_codes = np.asarray(codes)
+    differ = np.nonzero(ours_codes != their_codes)[0]
+    if differ.size:
+        table = np.asarray(codebooks.DYNAMIC_MAP, np.float64)
+        centred = (ref_absmax.astype(np.float32) - offset_bnb)[differ] / np.asarray(nested_absmax)[differ // 256]
+        nearest = np.argmin(np.abs(table[None, :] - centred.astype(np.float64)[:, None]), axis=1)
+        np.testing.assert_array_equal(ours_codes[differ], nearest)
+        assert (np.abs(np.argsort(np.argsort(table))[their_codes[differ]]
+                       - np.argsort(np.argsort(table))[ours_codes[differ]]) == 1).all()
+    assert differ.size <= 1
     if np.float32(q.nested_offset) == offset_bnb:
-        np.testing.assert_array_equal(np.asarray(q.absmax), state.absmax.numpy())
+        np.testing.assert_array_equal(np.asarray(q.absmax), np.asarray(codes))
         np.testing.assert_array_equal(np.asarray(q.nested_absmax), state.state2.absmax.numpy())
 
 
