@@ -26,8 +26,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from cuda_graph_timing import time_graph  # noqa: E402
 
 from qflax.quant import fourbit  # noqa: E402
 from qflax_kernels import fourbit_jax, fourbit_plan  # noqa: E402
@@ -50,37 +50,6 @@ def time_jax(fn, *args, repeats=5, target_s=0.015):
             out = fn(*args)
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - start) / reps)
-    return statistics.median(samples)
-
-
-def time_graph(body, repeats=5, target_s=0.015):
-    """Median seconds per replay of ``body`` captured in a CUDA graph (None if capture fails)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            body()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    graph.replay()
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    reps = max(2, int(target_s * 1e3 / max(begin.elapsed_time(end), 1e-3)))
-    samples = []
-    for _ in range(repeats):
-        begin.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(begin.elapsed_time(end) / 1e3 / reps)
-    del graph
     return statistics.median(samples)
 
 

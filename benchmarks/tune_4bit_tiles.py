@@ -12,53 +12,28 @@ Usage (GPU machine):
 """
 
 import argparse
-import itertools
 import json
 import math
-import statistics
+import os
 import sys
 import time
 
-import os
-
 import torch
+from cuda_graph_timing import time_graph as _time_graph
 
 MIN_BYTES = 256 * 2**20
+
+
+def time_graph(body):
+    """Seconds per CUDA-graph replay of ``body`` (one eager warm-up call, samples of ~20 ms)."""
+    return _time_graph(body, target_s=0.02, warmup=1)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: interpreter dry runs of launch()
 USE_ASM = os.environ.get("TRITON_INTERPRET") != "1"
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
        0.7229568362236023, 1.0]
-
-
-def time_graph(body, repeats=5, target_s=0.02):
-    """Median seconds per replay of ``body`` captured in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        body()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    graph.replay()
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    reps = max(2, int(target_s * 1e3 / max(begin.elapsed_time(end), 1e-3)))
-    samples = []
-    for _ in range(repeats):
-        begin.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(begin.elapsed_time(end) / 1e3 / reps)
-    return statistics.median(samples)
 
 
 class Weights:

@@ -26,6 +26,18 @@ packed fma). The CPU tests run that path; the GPU tests run the assembly.
 import triton
 import triton.language as tl
 
+
+def _plane_lookup(first: int) -> str:
+    """PTX looking up 4 codes in both byte planes (operands $first.. high, $first+4.. low).
+
+    Selectors in registers s (low 3 bits of each code) and t (lane + 4 * bit 3); results in
+    hr (high bytes) and mr (low bytes) of the 4 lanes.
+    """
+    h, l = first, first + 4
+    return (f"prmt.b32 a, ${h}, ${h + 1}, s;\nprmt.b32 b, ${h + 2}, ${h + 3}, s;\nprmt.b32 hr, a, b, t;\n"
+            f"prmt.b32 a, ${l}, ${l + 1}, s;\nprmt.b32 b, ${l + 2}, ${l + 3}, s;\nprmt.b32 mr, a, b, t;\n")
+
+
 # Operands: $0-$3 the four scaled pairs (outputs), $4 the packed word, $5 the block's scale
 # as two copies of a 16-bit float, $6-$9 the high-byte planes, $10-$13 the low-byte planes.
 # Outputs are written last: LLVM may give an output the register of an input.
@@ -42,23 +54,11 @@ and.b32 s, w, 0x77777777;
 shr.u32 t, w, 1;
 and.b32 t, t, 0x44444444;
 or.b32 t, t, 0x32103210;
-prmt.b32 a, $6, $7, s;
-prmt.b32 b, $8, $9, s;
-prmt.b32 hr, a, b, t;
-prmt.b32 a, $10, $11, s;
-prmt.b32 b, $12, $13, s;
-prmt.b32 mr, a, b, t;
-prmt.b32 q0, mr, hr, 0x4051;
+""" + _plane_lookup(6) + """prmt.b32 q0, mr, hr, 0x4051;
 prmt.b32 q1, mr, hr, 0x6273;
 shr.u32 s, s, 16;
 shr.u32 t, t, 16;
-prmt.b32 a, $6, $7, s;
-prmt.b32 b, $8, $9, s;
-prmt.b32 hr, a, b, t;
-prmt.b32 a, $10, $11, s;
-prmt.b32 b, $12, $13, s;
-prmt.b32 mr, a, b, t;
-prmt.b32 q2, mr, hr, 0x4051;
+""" + _plane_lookup(6) + """prmt.b32 q2, mr, hr, 0x4051;
 prmt.b32 q3, mr, hr, 0x6273;
 fma.rn.TYPE q0, q0, $5, nz;
 fma.rn.TYPE q1, q1, $5, nz;
@@ -123,6 +123,14 @@ def _pair(words, byte: tl.constexpr, h0, h1, h2, h3, l0, l1, l2, l3):
 
 
 @triton.jit
+def _portable_pairs(words, planes):
+    """The four int32 pairs of each word (as the assembly's $0-$3, unscaled) without inline asm."""
+    h0, h1, h2, h3, l0, l1, l2, l3 = planes
+    return (_pair(words, 0, h0, h1, h2, h3, l0, l1, l2, l3), _pair(words, 1, h0, h1, h2, h3, l0, l1, l2, l3),
+            _pair(words, 2, h0, h1, h2, h3, l0, l1, l2, l3), _pair(words, 3, h0, h1, h2, h3, l0, l1, l2, l3))
+
+
+@triton.jit
 def _in_column_order(p0, p1, p2, p3, ROWS: tl.constexpr, WORDS: tl.constexpr):
     """[ROWS, WORDS] pairs of bytes 0..3 of each word -> [ROWS, WORDS * 4] in byte order.
 
@@ -170,10 +178,7 @@ def decode_scaled(words, scale, planes, ROWS: tl.constexpr, WORDS: tl.constexpr,
         pairs = _in_column_order(p0, p1, p2, p3, ROWS, WORDS)
         return tl.reshape(_halves(pairs, DTYPE), [ROWS, WORDS * 8])
     else:
-        p0 = _pair(words, 0, h0, h1, h2, h3, l0, l1, l2, l3)
-        p1 = _pair(words, 1, h0, h1, h2, h3, l0, l1, l2, l3)
-        p2 = _pair(words, 2, h0, h1, h2, h3, l0, l1, l2, l3)
-        p3 = _pair(words, 3, h0, h1, h2, h3, l0, l1, l2, l3)
+        p0, p1, p2, p3 = _portable_pairs(words, planes)
         pairs = _in_column_order(p0, p1, p2, p3, ROWS, WORDS)
         values = tl.reshape(_halves(pairs, DTYPE), [ROWS, WORDS * 8]).to(tl.float32)
         # Products of two 16-bit floats are exact in float32: one rounding, as the packed fma does.
@@ -195,13 +200,7 @@ and.b32 s, w, 0x77777777;
 mul.hi.u32 t, w, 0x80000000;
 and.b32 t, t, 0x44444444;
 or.b32 t, t, 0x32103210;
-prmt.b32 a, $10, $11, s;
-prmt.b32 b, $12, $13, s;
-prmt.b32 hr, a, b, t;
-prmt.b32 a, $14, $15, s;
-prmt.b32 b, $16, $17, s;
-prmt.b32 mr, a, b, t;
-prmt.b32 q, mr, hr, 0x4051;
+""" + _plane_lookup(10) + """prmt.b32 q, mr, hr, 0x4051;
 mul.lo.u32 lo, q, 65536;
 and.b32 hi, q, 0xFFFF0000;
 mul.rn.f32 acc, lo, $2;
@@ -213,13 +212,7 @@ fma.rn.f32 acc, lo, $4, acc;
 fma.rn.f32 acc, hi, $5, acc;
 mul.hi.u32 s, s, 65536;
 mul.hi.u32 t, t, 65536;
-prmt.b32 a, $10, $11, s;
-prmt.b32 b, $12, $13, s;
-prmt.b32 hr, a, b, t;
-prmt.b32 a, $14, $15, s;
-prmt.b32 b, $16, $17, s;
-prmt.b32 mr, a, b, t;
-prmt.b32 q, mr, hr, 0x4051;
+""" + _plane_lookup(10) + """prmt.b32 q, mr, hr, 0x4051;
 mul.lo.u32 lo, q, 65536;
 and.b32 hi, q, 0xFFFF0000;
 fma.rn.f32 acc, lo, $6, acc;
@@ -248,10 +241,7 @@ def word_dot(words, x0, x1, x2, x3, x4, x5, x6, x7, planes, USE_ASM: tl.constexp
             [words, x0, x1, x2, x3, x4, x5, x6, x7, h0, h1, h2, h3, l0, l1, l2, l3],
             dtype=tl.float32, is_pure=True, pack=1)
     else:
-        p0 = _pair(words, 0, h0, h1, h2, h3, l0, l1, l2, l3)
-        p1 = _pair(words, 1, h0, h1, h2, h3, l0, l1, l2, l3)
-        p2 = _pair(words, 2, h0, h1, h2, h3, l0, l1, l2, l3)
-        p3 = _pair(words, 3, h0, h1, h2, h3, l0, l1, l2, l3)
+        p0, p1, p2, p3 = _portable_pairs(words, planes)
         acc = (p0 << 16).to(tl.float32, bitcast=True) * x0 + (p0 & -65536).to(tl.float32, bitcast=True) * x1
         acc += (p1 << 16).to(tl.float32, bitcast=True) * x2 + (p1 & -65536).to(tl.float32, bitcast=True) * x3
         acc += (p2 << 16).to(tl.float32, bitcast=True) * x4 + (p2 & -65536).to(tl.float32, bitcast=True) * x5
