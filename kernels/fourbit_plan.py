@@ -145,6 +145,9 @@ def plan_matmul(m: int, n: int, k: int, blocksize: int, dtype_name: str = "bfloa
       A :class:`Plan`.
     """
     override = dict(override or {})
+    if dtype_name == "float32" and override.get("kernel") in ("word_gemv", "mma"):
+        # They round the code table to 16 bits: float32 activations would lose precision silently.
+        raise ValueError(f"the {override['kernel']} kernel takes float16 or bfloat16 activations, got float32")
     if dtype_name == "float32" or override.get("kernel") in ("gemv", "gemm"):
         # The float32 kernels also run 16-bit activations when asked for (tests, comparisons).
         return _plan_float32(m, n, k, blocksize, sm_count, override)

@@ -63,6 +63,8 @@ def test_plan_rejects_bad_overrides():
         fourbit_plan.plan_matmul(1, 128, 320, 64, "bfloat16", override=dict(kernel="word_gemv"))
     with pytest.raises(ValueError, match="split_k must divide"):
         fourbit_plan.plan_matmul(16, 128, 64 * 12, 64, "bfloat16", override=dict(block_k=128, split_k=4))
+    with pytest.raises(ValueError, match="takes float16 or bfloat16 activations, got float32"):
+        fourbit_plan.plan_matmul(1, 128, 256, 64, "float32", override=dict(kernel="word_gemv"))
     with pytest.raises(ValueError, match="kernel must be one of"):
         fourbit_plan.plan_matmul(16, 128, 256, 64, "bfloat16", override=dict(kernel="fast"))
 
