@@ -1,8 +1,9 @@
 """Times launch configurations of the register-decode 4-bit kernel directly (torch tensors, CUDA graphs).
 
-A tuning tool, not the published benchmark (that is ``bench_4bit.py``, through JAX): it launches
-``qflax_kernels.fourbit_triton.fourbit_matmul_kernel`` with Triton's own launcher on torch CUDA
-tensors, checks every configuration against a float32 torch reference on the same weights, and
+A tuning tool, not the published benchmark (that is ``bench_4bit.py``, through JAX): it builds each
+launch with ``qflax_kernels.fourbit_launch`` (the same builder the JAX launcher and torch_compat
+use, split-K reduced in the kernel) and runs it with Triton's own launcher on torch CUDA tensors
+(``qflax_kernels.torch_launch``), checks every configuration against a float32 torch reference on the same weights, and
 times L distinct weights (> 200 MB per timed call) in one CUDA graph next to torch bf16
 ``F.linear`` on the same shapes. The fastest configuration per (shape, M) is what
 ``fourbit_plan`` should use.
@@ -51,7 +52,6 @@ class Weights:
         self.qmap = torch.tensor(NF4, device=DEVICE)
         self.bf16 = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16, generator=gen)
                      for _ in range(self.count_bf16)]
-        self.placeholder = torch.zeros(1, device=DEVICE)
 
     def dequantized(self, i, dtype, scale_dtype=None):
         """Weight i as the kernels compute it: table and absmax rounded to dtype, product rounded
@@ -63,28 +63,35 @@ class Weights:
         return (table[codes] * scale.repeat_interleave(self.bs, dim=1)).to(scale_dtype or dtype)
 
 
-def launch(ws, i, x, out, cfg):
-    from qflax_kernels import fourbit_triton
-
-    m = x.shape[0]
+def _override(cfg):
+    """A tuner configuration as ``fourbit_plan`` override fields."""
     if cfg.get("kernel") == "word_gemv":
-        return fourbit_triton.fourbit_word_gemv_kernel[(math.ceil(ws.n / cfg["BN"]), cfg["SPLIT_K"])](
-            x, ws.packed[i], ws.absmax[i], ws.qmap, ws.placeholder, ws.placeholder, ws.placeholder, x, out,
-            N=ws.n, K=ws.k, BS=ws.bs, BN=cfg["BN"], SW=cfg["SW"], SPLIT_K=cfg["SPLIT_K"], NESTED=False,
-            NESTED_BS=256, HAS_BIAS=False, USE_ASM=USE_ASM, num_warps=cfg["warps"], num_stages=1)
-    grid = (math.ceil(m / cfg["BM"]), math.ceil(ws.n / cfg["BN"]), cfg["SPLIT_K"])
-    return fourbit_triton.fourbit_matmul_kernel[grid](
-        x, ws.packed[i], ws.absmax[i], ws.qmap, ws.placeholder, ws.placeholder, ws.placeholder, x, out,
-        M=m, N=ws.n, K=ws.k, BS=ws.bs, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=cfg["SPLIT_K"],
-        NESTED=False, NESTED_BS=256, HAS_BIAS=False, USE_ASM=USE_ASM,
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
+        return dict(kernel="word_gemv", block_n=cfg["BN"], words=cfg["SW"], num_warps=cfg["warps"],
+                    split_k=cfg["SPLIT_K"], use_asm=USE_ASM)
+    return dict(kernel="mma", block_m=cfg["BM"], block_n=cfg["BN"], block_k=cfg["BK"], num_warps=cfg["warps"],
+                num_stages=cfg["stages"], split_k=cfg["SPLIT_K"], use_asm=USE_ASM)
 
 
-def run_layers(ws, x, outs, cfg):
+def make_launch(ws, x, cfg):
+    from qflax_kernels import fourbit_launch
+
+    return fourbit_launch.matmul_launch(x.shape[0], ws.n, ws.k, ws.bs, x_dtype=str(x.dtype).removeprefix("torch."),
+                                        nested=False, has_bias=False, override=_override(cfg))
+
+
+def launch(ws, i, x, spec, outs):
+    """Launches weight ``i``'s product into ``outs`` (out, partial, counter); returns Triton's compiled kernel."""
+    from qflax_kernels import fourbit_launch, torch_launch
+
+    if spec.outputs[2].zeroed:
+        outs[2].zero_()
+    weight = fourbit_launch.weight_inputs(ws.packed[i], ws.absmax[i], ws.qmap)
+    return torch_launch.launch_into(spec, fourbit_launch.matmul_inputs(x, weight), outs)
+
+
+def run_layers(ws, x, spec, outs):
     for i in range(ws.count):
-        launch(ws, i, x, outs[i], cfg)
-        if cfg["SPLIT_K"] > 1:
-            outs[i].sum(0)
+        launch(ws, i, x, spec, outs[i])
 
 
 def planned_config(m, n, k):
@@ -166,15 +173,17 @@ def main():
                 if time.time() > deadline:
                     break
                 try:
-                    split = cfg["SPLIT_K"]
-                    outs = [torch.empty((split, m, n) if split > 1 else (m, n), device=DEVICE,
-                                        dtype=torch.float32 if split > 1 else torch.bfloat16) for _ in range(ws.count)]
-                    compiled = launch(ws, 0, x, outs[0], cfg)
-                    cfg = dict(cfg, regs=getattr(compiled, "n_regs", None), smem=compiled.metadata.shared)
-                    got = outs[0].sum(0) if split > 1 else outs[0]
+                    from qflax_kernels import torch_launch
+
+                    spec = make_launch(ws, x, cfg)
+                    outs = [torch_launch.allocate_outputs(spec, DEVICE) for _ in range(ws.count)]
+                    compiled = launch(ws, 0, x, spec, outs[0])
+                    cfg = dict(cfg, regs=getattr(compiled, "n_regs", None),
+                               smem=getattr(getattr(compiled, "metadata", None), "shared", None))
+                    got = outs[0][0]
                     want = x.float() @ (ref_gemv if cfg.get("kernel") == "word_gemv" else ref_w[torch.bfloat16]).T
                     err = float((got.float() - want).norm() / want.norm())
-                    t = time_graph(lambda: run_layers(ws, x, outs, cfg)) / ws.count
+                    t = time_graph(lambda: run_layers(ws, x, spec, outs)) / ws.count
                     row = result_row(k, n, m, cfg, t, t_bf16, err)
                     results["rows"].append(row)
                     if best is None or t < best[0]:
@@ -191,11 +200,12 @@ def main():
                 try:
                     xh = x.to(torch.float16)
                     cfg = best[1]
-                    split = cfg["SPLIT_K"]
-                    o = torch.empty((split, 1, n) if split > 1 else (1, n), device=DEVICE,
-                                    dtype=torch.float32 if split > 1 else torch.float16)
-                    launch(ws, 0, xh, o, cfg)
-                    got = o.sum(0) if split > 1 else o
+                    spec = make_launch(ws, xh, cfg)
+                    from qflax_kernels import torch_launch
+
+                    o = torch_launch.allocate_outputs(spec, DEVICE)
+                    launch(ws, 0, xh, spec, o)
+                    got = o[0]
                     want = xh.float() @ (ref_gemv if cfg.get("kernel") == "word_gemv" else ref_w[torch.float16]).T
                     print(f"fp16 check K={k} N={n}: rel err {float((got.float() - want).norm() / want.norm()):.2e}",
                           flush=True)

@@ -1,8 +1,9 @@
-"""JAX launchers (jax-triton) for the 4-bit kernels, with custom_vmap rules.
+"""JAX launchers for the 4-bit kernels: one ``triton_call`` each, with ``custom_vmap`` rules.
 
-Arrays follow bitsandbytes' layout (see ``fourbit_triton``); nothing here knows of qflax.
-``triton``/``jax_triton`` are imported when a launcher is first traced, so importing this
-module works without them.
+Arrays follow bitsandbytes' layout (see ``fourbit_triton``); nothing here knows of qflax. The
+launch itself (plan, argument order, outputs) comes from ``fourbit_launch``; the call emits
+exactly one kernel, with no XLA op around it (split-K is reduced in the kernel, unused pointers
+reuse an input, every statistic is already float32 in the weight).
 
 vmap: batching x alone folds the batch into M (one launch); batching the weight or bias
 runs one launch per batch element (``lax.map``).
@@ -13,18 +14,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qflax_kernels import fourbit_plan
+from qflax_kernels import fourbit_launch, fourbit_plan
+from qflax_kernels.triton_call import triton_call
 
-NESTED_BLOCKSIZE = fourbit_plan.NESTED_BLOCKSIZE
 
-
-def _sm_count() -> int:
+def sm_count() -> int:
+    """Multiprocessors of the default device (the split-K policy's target)."""
     return getattr(jax.devices()[0], "core_count", None) or fourbit_plan.DEFAULT_SM_COUNT
-
-
-def _precision(dtype) -> str:
-    # Triton rounds float32 dot operands to tf32 unless asked; the reference does not.
-    return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
 
 
 def _fold_x_rule(unbatched, axis_size, in_batched, x, *rest):
@@ -37,45 +33,22 @@ def _fold_x_rule(unbatched, axis_size, in_batched, x, *rest):
     return jax.lax.map(lambda a: unbatched(*a), tuple(args)), True
 
 
+def _f32(a):
+    # A no-op for weights made by qflax (statistics are stored as float32); a cast otherwise.
+    return a if a is None or a.dtype == jnp.float32 else a.astype(jnp.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _matmul_fn(n: int, k: int, blocksize: int, nested: bool, has_bias: bool, override: tuple):
     """Launcher for one static configuration: f(x, packed, absmax, quant_map, nmap, nabs, noff, bias)."""
 
     def launch(x, packed, absmax, quant_map, nested_map, nested_absmax, nested_offset, bias):
-        import jax_triton
-        from qflax_kernels import fourbit_triton
-
-        m = x.shape[0]
-        options = dict(override)
-        # "use_asm": False runs the register-decode kernels' portable decode (tests compare the two).
-        use_asm = options.pop("use_asm", True)
-        plan = fourbit_plan.plan_matmul(m, n, k, blocksize, jnp.dtype(x.dtype).name, _sm_count(), options)
-        split = plan.split_k > 1
-        out_shape = jax.ShapeDtypeStruct((plan.split_k, m, n) if split else (m, n), jnp.float32 if split else x.dtype)
-        common = dict(N=n, K=k, BS=blocksize, BN=plan.block_n, SPLIT_K=plan.split_k,
-                      NESTED=nested, NESTED_BS=NESTED_BLOCKSIZE, HAS_BIAS=has_bias)
-        table = quant_map.astype(jnp.float32)
-        if plan.kernel == "word_gemv":
-            kernel, extra = fourbit_triton.fourbit_word_gemv_kernel, dict(SW=plan.words, USE_ASM=use_asm)
-        elif plan.kernel == "mma":
-            kernel = fourbit_triton.fourbit_matmul_kernel
-            extra = dict(M=m, BM=plan.block_m, BK=plan.block_k, USE_ASM=use_asm)
-        elif plan.kernel == "gemv":
-            kernel, extra, table = fourbit_triton.fourbit_gemv_kernel, dict(GROUP=plan.group), code_pairs(quant_map)
-        else:
-            kernel, table = fourbit_triton.fourbit_gemm_kernel, code_pairs(quant_map)
-            extra = dict(M=m, BM=plan.block_m, PRECISION=_precision(x.dtype))
-        out = jax_triton.triton_call(
-            x, packed, absmax, table, nested_map, nested_absmax, nested_offset, bias,
-            kernel=kernel, out_shape=out_shape, grid=plan.grid,
-            num_warps=plan.num_warps, num_stages=plan.num_stages, **common, **extra,
-        )
-        if not split:
-            return out
-        total = out.sum(axis=0)
-        if has_bias:
-            total = total + bias.astype(jnp.float32)
-        return total.astype(x.dtype)
+        spec = fourbit_launch.matmul_launch(x.shape[0], n, k, blocksize, x_dtype=jnp.dtype(x.dtype).name,
+                                            nested=nested, has_bias=has_bias, sm_count=sm_count(),
+                                            override=dict(override))
+        weight = fourbit_launch.weight_inputs(packed, absmax, quant_map, nested_map, nested_absmax, nested_offset)
+        out, _, _ = triton_call(spec, *fourbit_launch.matmul_inputs(x, weight, bias if has_bias else None))
+        return out
 
     batched = jax.custom_batching.custom_vmap(launch)
     batched.def_vmap(functools.partial(_fold_x_rule, batched))
@@ -84,47 +57,18 @@ def _matmul_fn(n: int, k: int, blocksize: int, nested: bool, has_bias: bool, ove
 
 @functools.lru_cache(maxsize=None)
 def _grad_input_fn(n: int, k: int, blocksize: int, nested: bool, override: tuple):
-    """Launcher for one static configuration: f(g, packed, absmax, pairs, nmap, nabs, noff)."""
+    """Launcher for one static configuration: f(g, packed, absmax, quant_map, nmap, nabs, noff)."""
 
-    def launch(g, packed, absmax, pairs, nested_map, nested_absmax, nested_offset):
-        import jax_triton
-        from qflax_kernels import fourbit_triton
-
-        m = g.shape[0]
-        plan = fourbit_plan.plan_grad_input(m, n, k, blocksize, dict(override))
-        return jax_triton.triton_call(
-            g, packed, absmax, pairs, nested_map, nested_absmax, nested_offset,
-            kernel=fourbit_triton.fourbit_grad_input_kernel,
-            out_shape=jax.ShapeDtypeStruct((m, k), g.dtype), grid=plan.grid,
-            num_warps=plan.num_warps, num_stages=plan.num_stages,
-            M=m, N=n, K=k, BS=blocksize, BM=plan.block_m, BN=plan.block_n,
-            NESTED=nested, NESTED_BS=NESTED_BLOCKSIZE, PRECISION=_precision(g.dtype),
-        )
+    def launch(g, packed, absmax, quant_map, nested_map, nested_absmax, nested_offset):
+        spec = fourbit_launch.grad_input_launch(g.shape[0], n, k, blocksize, g_dtype=jnp.dtype(g.dtype).name,
+                                                nested=nested, override=dict(override))
+        weight = fourbit_launch.weight_inputs(packed, absmax, quant_map, nested_map, nested_absmax, nested_offset)
+        (out,) = triton_call(spec, g, *weight)
+        return out
 
     batched = jax.custom_batching.custom_vmap(launch)
     batched.def_vmap(functools.partial(_fold_x_rule, batched))
     return batched
-
-
-def code_pairs(quant_map):
-    """(256, 2) float32 table: row b holds the code values of byte b's high and low nibble.
-
-    Built from the (16,) quant_map of each weight (so a stored table is honoured); the
-    float32 kernels decode a packed byte with one 8-byte load from it (the float16/bfloat16
-    kernels take the quant_map itself and keep it in registers).
-    """
-    byte = jnp.arange(256, dtype=jnp.int32)
-    table = quant_map.astype(jnp.float32)
-    return jnp.stack([table[byte >> 4], table[byte & 15]], axis=-1)
-
-
-def _statistics(absmax, nested_absmax, nested_quant_map, nested_offset):
-    """The kernels' statistics arguments; unused pointers get one-element placeholders."""
-    if nested_absmax is None:
-        placeholder = jnp.zeros((1,), jnp.float32)
-        return absmax.astype(jnp.float32), placeholder, placeholder, placeholder
-    return (absmax, nested_quant_map.astype(jnp.float32), nested_absmax.astype(jnp.float32),
-            jnp.reshape(nested_offset, (1,)).astype(jnp.float32))
 
 
 def _check(shape, blocksize, dtype):
@@ -133,6 +77,15 @@ def _check(shape, blocksize, dtype):
     if reason:
         raise ValueError(reason)
     return n, k
+
+
+def _weight_arrays(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset):
+    """The weight's arrays as the launchers take them (unused nested slots: absmax)."""
+    if nested_absmax is None:
+        absmax = _f32(absmax)
+        return packed.reshape(-1), absmax, _f32(quant_map), absmax, absmax, absmax
+    return (packed.reshape(-1), absmax, _f32(quant_map), _f32(nested_quant_map), _f32(nested_absmax),
+            _f32(jnp.reshape(nested_offset, (1,))))
 
 
 def matmul_4bit(x, packed, absmax, quant_map, *, shape, blocksize, bias=None,
@@ -146,23 +99,21 @@ def matmul_4bit(x, packed, absmax, quant_map, *, shape, blocksize, bias=None,
       quant_map: float32 (16,) code table.
       shape: (N, K), the weight's shape.
       blocksize: 64 or 128; must divide K.
-      bias: optional (N,) bias.
+      bias: optional (N,) bias (any float dtype; added in float32 in the kernel).
       nested_absmax, nested_quant_map, nested_offset: double-quantization statistics
         (float32 (ceil(nblocks/256),), (256,), scalar) or None.
       plan_override: optional dict of :class:`fourbit_plan.Plan` fields (tile sweeps), and
-        ``use_asm`` (default True; False decodes without inline PTX, for tests).
+        ``use_asm`` (False decodes without inline PTX, for tests).
 
     Returns:
       (..., N) array of x's dtype.
     """
     n, k = _check(shape, blocksize, x.dtype)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    stats = _statistics(absmax, nested_absmax, nested_quant_map, nested_offset)
-    bias_arg = jnp.zeros((1,), x.dtype) if bias is None else bias.astype(x.dtype)
+    weight = _weight_arrays(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset)
     fn = _matmul_fn(n, k, blocksize, nested_absmax is not None, bias is not None,
                     tuple(sorted((plan_override or {}).items())))
-    out = fn(x2, packed.reshape(-1), stats[0], quant_map, *stats[1:], bias_arg)
+    out = fn(x.reshape(-1, k), *weight, x if bias is None else bias)
     return out.reshape(*lead, n)
 
 
@@ -180,7 +131,7 @@ def grad_input_4bit(g, packed, absmax, quant_map, *, shape, blocksize,
     """
     n, k = _check(shape, blocksize, g.dtype)
     lead = g.shape[:-1]
-    stats = _statistics(absmax, nested_absmax, nested_quant_map, nested_offset)
+    weight = _weight_arrays(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset)
     fn = _grad_input_fn(n, k, blocksize, nested_absmax is not None, tuple(sorted((plan_override or {}).items())))
-    out = fn(g.reshape(-1, n), packed.reshape(-1), stats[0], code_pairs(quant_map), *stats[1:])
+    out = fn(g.reshape(-1, n), *weight)
     return out.reshape(*lead, k)

@@ -1,7 +1,7 @@
 """Launch plans (kernel, tile sizes, split-K, grid) for the 4-bit kernels; pure Python.
 
-Shared by the jax-triton launchers and the interpreter tests, so both launch the kernels
-the same way. float16/bfloat16 activations use the register-decode kernels
+Used by ``fourbit_launch``, the one place launches are built (for JAX, torch and the
+interpreter tests alike). float16/bfloat16 activations use the register-decode kernels
 (``fourbit_word_gemv_kernel`` for one row, ``fourbit_matmul_kernel`` otherwise) with tiles
 measured on an H100 by ``benchmarks/tune_4bit_tiles.py``; float32 activations use the
 table-load kernels (``fourbit_gemv_kernel`` / ``fourbit_gemm_kernel``, exact float32

@@ -13,13 +13,15 @@ Two families:
   :func:`fourbit_word_gemv_kernel` (one row of x, CUDA-core FMAs) and
   :func:`fourbit_matmul_kernel` (tensor cores, any number of rows).
 - float32 activations (exact decode) and the input gradient: every weight's value is loaded
-  from a 256-entry table of code pairs (built from the quant_map by the launcher).
+  from the (16,) float32 quant_map (two loads per packed byte, L1-resident).
   :func:`fourbit_gemv_kernel`, :func:`fourbit_gemm_kernel`, :func:`fourbit_grad_input_kernel`.
 
 Double-quantized statistics (NESTED) are decoded where they are used:
 ``absmax = nested_map[code] * nested_absmax[block // NESTED_BS] + offset``.
 
-The same functions run on the GPU through jax-triton and on torch CPU tensors under
+Argument order (``qflax_kernels.launch``): array inputs, runtime scalars (``M``), outputs
+(``out``, then for split-K the float32 ``partial`` sums and the zeroed per-tile ``counter``),
+constexprs. The same functions run on the GPU (JAX: ``triton_call``; torch: ``torch_launch``) and on torch CPU tensors under
 ``TRITON_INTERPRET=1`` (the CI tests; there the register-decode kernels take their portable
 path, ``USE_ASM=False``, as the interpreter cannot run inline assembly).
 """
@@ -49,21 +51,52 @@ def _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, blk
 
 
 @triton.jit
-def _decode_pairs(code_pairs_ptr, raw, ROWS: tl.constexpr, BS: tl.constexpr):
+def _decode_table(quant_map_ptr, raw, ROWS: tl.constexpr, BS: tl.constexpr):
     """[ROWS, BS] float32 code values of [ROWS, BS // 2] packed bytes, in column order.
 
-    ``code_pairs`` is a (256, 2) float32 table: entry b holds the values of the high and
-    the low nibble of byte b, so one 8-byte load decodes two weights.
+    Two loads from the (16,) float32 quant_map per byte (high nibble, then low nibble): the
+    table is 64 bytes and stays in L1, and no per-call table has to be built for the kernel.
     """
-    pair = tl.arange(0, 2)
-    values = tl.load(code_pairs_ptr + (raw.to(tl.int32) * 2)[:, :, None] + pair[None, None, :])
-    return tl.reshape(values, [ROWS, BS])
+    raw = raw.to(tl.int32)
+    high = tl.load(quant_map_ptr + (raw >> 4))
+    low = tl.load(quant_map_ptr + (raw & 15))
+    return tl.reshape(tl.join(high, low), [ROWS, BS])
+
+
+@triton.jit
+def _store_result(total, out_ptr, offsets, mask, bias):
+    tl.store(out_ptr + offsets, (total + bias).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish(acc, out_ptr, partial_ptr, counter_ptr, offsets, mask, bias, tile, pid_k, size,
+            SPLIT_K: tl.constexpr):
+    """Stores ``acc + bias`` at ``out_ptr + offsets``; with SPLIT_K > 1 reduces the splits first.
+
+    Split-K stays inside the kernel (no reduction op after it): each program of a tile writes its
+    float32 partial sums to ``partial_ptr[pid_k]`` (``size`` elements per split), then counts
+    itself in on the tile's zero-initialised counter; the last one to arrive adds the SPLIT_K
+    partials in split order (deterministic), adds the bias and writes the output.
+    """
+    if SPLIT_K == 1:
+        _store_result(acc, out_ptr, offsets, mask, bias)
+    else:
+        tl.store(partial_ptr + pid_k * size + offsets, acc, mask=mask)
+        # Every thread's partials are written before one thread publishes them (release) and
+        # the last program reads them back from L2 (acquire, .cg loads bypass L1).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(partial_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            for split in tl.static_range(1, SPLIT_K):
+                total += tl.load(partial_ptr + split * size + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_result(total, out_ptr, offsets, mask, bias)
 
 
 @triton.jit
 def fourbit_gemv_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code_pairs_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
-    bias_ptr, out_ptr,
+    x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+    bias_ptr, out_ptr, partial_ptr, counter_ptr,
     N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
     BN: tl.constexpr, SPLIT_K: tl.constexpr, GROUP: tl.constexpr,
     NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -71,8 +104,8 @@ def fourbit_gemv_kernel(
     """out = x @ W.T for one row x (M == 1) with CUDA-core FMAs; bytes are read once.
 
     Grid: (cdiv(N, BN), SPLIT_K). Program (i, s) owns rows ``[i*BN, (i+1)*BN)`` of W and
-    the s-th slice of its quantization blocks, GROUP blocks per step; with SPLIT_K > 1 it
-    writes float32 partial sums ``out[s, n]`` that the launcher adds up (with the bias).
+    the s-th slice of its quantization blocks, GROUP blocks per step; the splits of a tile are
+    added up in the kernel (:func:`_finish`).
     """
     HB: tl.constexpr = BS // 2
     KB: tl.constexpr = K // BS
@@ -104,26 +137,24 @@ def fourbit_gemv_kernel(
         raw_next = raw_next.to(tl.int32)
         scale_next = _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                                    following[:, None] + offs_g[None, :], more[:, None], NESTED, NESTED_BS)
-        w = _decode_pairs(code_pairs_ptr, raw, BN, GROUP * BS)
+        w = _decode_table(quant_map_ptr, raw, BN, GROUP * BS)
         x = tl.load(x_ptr + g * BS + offs_k).to(tl.float32)
         # absmax is constant over a block: scale each block's dot product once.
         part = tl.sum(tl.reshape(x[None, :] * w, [BN, GROUP, BS]), axis=2)
         acc += tl.sum(part * scale, axis=1)
         raw = raw_next
         scale = scale_next
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(out_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    _finish(acc, out_ptr, partial_ptr, counter_ptr, offs_n, n_mask, bias, pid_n, pid_k, N, SPLIT_K)
 
 
 @triton.jit
 def fourbit_gemm_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code_pairs_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
-    bias_ptr, out_ptr,
-    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
+    x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+    bias_ptr, M, out_ptr, partial_ptr, counter_ptr,
+    N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
     NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -155,23 +186,21 @@ def fourbit_gemm_kernel(
         raw = tl.load(packed_ptr + blk[:, None] * HB + offs_j[None, :], mask=n_mask[:, None], other=0)
         scale = _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, blk, n_mask,
                               NESTED, NESTED_BS)
-        w = (_decode_pairs(code_pairs_ptr, raw, BN, BS) * scale[:, None]).to(x_ptr.dtype.element_ty)
+        w = (_decode_table(quant_map_ptr, raw, BN, BS) * scale[:, None]).to(x_ptr.dtype.element_ty)
         x = tl.load(x_ptr + offs_m[:, None] * K + (g * BS + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    _finish(acc, out_ptr, partial_ptr, counter_ptr, offs_m[:, None] * N + offs_n[None, :],
+            m_mask[:, None] & n_mask[None, :], bias, pid_m + pid_n * tl.num_programs(0), pid_k, M * N, SPLIT_K)
 
 
 @triton.jit
 def fourbit_grad_input_kernel(
-    g_ptr, packed_ptr, absmax_ptr, code_pairs_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
-    out_ptr,
-    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
+    g_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+    M, out_ptr,
+    N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     NESTED: tl.constexpr, NESTED_BS: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -197,7 +226,7 @@ def fourbit_grad_input_kernel(
         raw = tl.load(packed_ptr + blk[:, None] * HB + offs_j[None, :], mask=n_mask[:, None], other=0)
         scale = _block_absmax(absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, blk, n_mask,
                               NESTED, NESTED_BS)
-        w = (_decode_pairs(code_pairs_ptr, raw, BN, BS) * scale[:, None]).to(g_ptr.dtype.element_ty)
+        w = (_decode_table(quant_map_ptr, raw, BN, BS) * scale[:, None]).to(g_ptr.dtype.element_ty)
         grad = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :],
                        mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(grad, w, acc, input_precision=PRECISION)
@@ -208,8 +237,8 @@ def fourbit_grad_input_kernel(
 @triton.jit
 def fourbit_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
-    bias_ptr, out_ptr,
-    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
+    bias_ptr, M, out_ptr, partial_ptr, counter_ptr,
+    N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
     NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
 ):
@@ -222,8 +251,8 @@ def fourbit_matmul_kernel(
     of loads in flight.
 
     Grid: (cdiv(M, BM), cdiv(N, BN), SPLIT_K); the M tiles vary fastest, so programs that
-    share a W tile run together and W comes from DRAM about once. With SPLIT_K > 1 each
-    program writes float32 partial sums ``out[s, m, n]`` that the launcher adds up.
+    share a W tile run together and W comes from DRAM about once. The splits of a tile are
+    added up in the kernel (:func:`_finish`).
     """
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     planes = fourbit_decode.table_planes(quant_map_ptr, DTYPE)
@@ -256,13 +285,11 @@ def fourbit_matmul_kernel(
             x = tl.load(x_ptr + offs_m[:, None] * K + (block * BS + offs_k)[None, :], mask=m_mask[:, None],
                         other=0.0)
             acc = tl.dot(w, tl.trans(x), acc)
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None], acc, mask=out_mask)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    _finish(acc, out_ptr, partial_ptr, counter_ptr, offs_m[None, :] * N + offs_n[:, None],
+            n_mask[:, None] & m_mask[None, :], bias, pid_m + pid_n * tl.num_programs(0), pid_k, M * N, SPLIT_K)
 
 
 @triton.jit
@@ -290,7 +317,7 @@ def _word_gemv_inputs(x_cols, words_at, scale_at, blocks_at, nested_map_ptr, nes
 @triton.jit
 def fourbit_word_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
-    bias_ptr, out_ptr,
+    bias_ptr, out_ptr, partial_ptr, counter_ptr,
     N: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, SW: tl.constexpr,
     SPLIT_K: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_ASM: tl.constexpr,
@@ -304,8 +331,8 @@ def fourbit_word_gemv_kernel(
     A step covers SW words (8 * SW columns) of BN rows; the next step's words are requested
     before the current ones are decoded.
 
-    Grid: (cdiv(N, BN), SPLIT_K). With SPLIT_K > 1 program (i, s) writes float32 partial
-    sums ``out[s, n]`` of the s-th slice of K, which the launcher adds up (with the bias).
+    Grid: (cdiv(N, BN), SPLIT_K); program (i, s) sums the s-th slice of K, and the splits are
+    added up in the kernel (:func:`_finish`).
     """
     planes = fourbit_decode.table_planes(quant_map_ptr, tl.bfloat16)
     WPR: tl.constexpr = K // 8  # packed int32 words per row
@@ -349,9 +376,7 @@ def fourbit_word_gemv_kernel(
         words, scale, x0, x1, x2, x3, x4, x5, x6, x7 = (words_n, scale_n, x0_n, x1_n, x2_n, x3_n, x4_n, x5_n, x6_n,
                                                         x7_n)
     total = tl.sum(acc, axis=1)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(out_ptr + pid_k * N + offs_n, total, mask=n_mask)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    _finish(total, out_ptr, partial_ptr, counter_ptr, offs_n, n_mask, bias, pid_n, pid_k, N, SPLIT_K)

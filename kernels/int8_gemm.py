@@ -37,7 +37,7 @@ def int8_matmul_dequant_kernel(
     outlier_idx_ptr,  # int32 (>= count,) column indices
     outlier_count_ptr,  # int32 (1,)
     w_float_ptr,  # float (N, K) weight for the outlier columns; unused unless OUTLIER_W_FLOAT
-    M,  # runtime scalar: jax-triton passes scalars after the array inputs, before the outputs
+    M,  # runtime scalar: after the array inputs, before the outputs (qflax_kernels.launch)
     out_ptr,  # (M, N) output dtype
     N: tl.constexpr,
     K: tl.constexpr,

@@ -1,8 +1,10 @@
-"""JAX launchers (jax-triton ``triton_call``) for the int8 kernels, with ``custom_vmap`` rules.
+"""JAX launchers for the int8 kernels (one ``triton_call`` per kernel), with ``custom_vmap`` rules.
 
-Import this module only where a GPU and jax-triton are present (qflax imports it lazily inside
-its kernel branches). ``triton_call`` has neither autodiff nor batching rules: the ops in
-``qflax.ops`` wrap these in ``jax.custom_vjp``, and every launcher here is a
+The launches come from ``int8_specs``; pointers a launch does not read get an input already at
+hand (on the weight's side, so batching rules are unaffected), never a placeholder built per
+call. qflax imports this module lazily inside its kernel branches. ``triton_call`` has neither
+autodiff nor batching rules: the ops in ``qflax.ops`` wrap these in ``jax.custom_vjp``, and
+every launcher here is a
 ``jax.custom_batching.custom_vmap`` whose rule folds a batch of activations into M (one launch)
 and falls back to one launch per batch element (``lax.map``) when a weight is batched.
 """
@@ -12,9 +14,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import jax_triton as jt
 
-from qflax_kernels import int8_gemm, int8_quant
+from qflax_kernels import int8_specs
+from qflax_kernels.triton_call import triton_call
 
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
@@ -41,16 +43,13 @@ def _gemm_fn(out_dtype, has_bias: bool, b_scale_global: bool, has_outliers: bool
     def launch(a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float):
         M, K = a.shape
         N = b.shape[0]
-        grid, meta = int8_gemm.gemm_meta(
-            M, N, K, has_bias=has_bias, b_scale_global=b_scale_global, has_outliers=has_outliers,
-            outlier_w_float=outlier_w_float, config=config,
+        spec = int8_specs.gemm_launch(
+            M, N, K, jnp.dtype(out_dtype).name, has_bias=has_bias, b_scale_global=b_scale_global,
+            has_outliers=has_outliers, outlier_w_float=outlier_w_float, config=config,
             dot_ieee=has_outliers and (x.dtype == jnp.float32 or (outlier_w_float and w_float.dtype == jnp.float32)),
         )
-        return jt.triton_call(
-            a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float, M,
-            kernel=int8_gemm.int8_matmul_dequant_kernel,
-            out_shape=jax.ShapeDtypeStruct((M, N), out_dtype), grid=grid, name="int8_matmul_dequant", **meta,
-        )
+        (out,) = triton_call(spec, a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float)
+        return out
 
     fn = jax.custom_batching.custom_vmap(launch)
 
@@ -96,27 +95,28 @@ def int8_matmul_dequant(
     """
     has_outliers = x is not None
     b_scale_global = b_scale.shape[0] == 1 and b.shape[0] != 1
-    dummy = jnp.zeros((1,), jnp.float32)
-    if not has_outliers:
-        x, outlier_idx, outlier_count = dummy, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
+    a_scale = a_scale if a_scale.dtype == jnp.float32 else a_scale.astype(jnp.float32)
+    b_scale = b_scale if b_scale.dtype == jnp.float32 else b_scale.astype(jnp.float32)
+    # Pointers the kernel does not read (no bias, no outliers) take b_scale.
+    unread = b_scale
+    if has_outliers:
+        outlier_idx, outlier_count = outlier_idx.astype(jnp.int32), outlier_count.astype(jnp.int32)
+    else:
+        x, outlier_idx, outlier_count = unread, unread, unread
     outlier_w_float = has_outliers and outlier_weight is not None
     config_key = tuple(sorted(config.items())) if config else None
     fn = _gemm_fn(jnp.dtype(out_dtype), bias is not None, b_scale_global, has_outliers, outlier_w_float, config_key)
-    return fn(a, b, a_scale.astype(jnp.float32), b_scale.astype(jnp.float32),
-              dummy if bias is None else bias, x, outlier_idx.astype(jnp.int32), outlier_count.astype(jnp.int32),
-              outlier_weight if outlier_w_float else dummy)
+    return fn(a, b, a_scale, b_scale, unread if bias is None else bias, x, outlier_idx, outlier_count,
+              outlier_weight if outlier_w_float else unread)
 
 
 @functools.lru_cache(maxsize=None)
 def _rows_fn(threshold: float, llm_int8_scale: bool):
-    def launch(x, col_mask):
+    def launch(x, *col_mask):
         M, K = x.shape
-        grid, meta = int8_quant.rows_meta(M, K, threshold=threshold, llm_int8_scale=llm_int8_scale)
-        return jt.triton_call(
-            x, col_mask, M, kernel=int8_quant.quantize_rows_kernel, enable_fp_fusion=False,
-            out_shape=(jax.ShapeDtypeStruct((M, K), jnp.int8), jax.ShapeDtypeStruct((M,), jnp.float32)),
-            grid=grid, name="int8_quantize_rows", **meta,
-        )
+        spec = int8_specs.rows_launch(M, K, threshold=threshold, llm_int8_scale=llm_int8_scale)
+        # Without outliers the mask pointer is not read: x stands in for it.
+        return triton_call(spec, x, col_mask[0] if col_mask else x)
 
     fn = jax.custom_batching.custom_vmap(launch)
 
@@ -141,28 +141,16 @@ def quantize_rowwise(
     if threshold > 0:
         if col_mask is None:
             raise ValueError("col_mask is required when threshold > 0")
-        mask = col_mask.astype(jnp.int8)
-    else:
-        threshold, mask = 0.0, jnp.zeros((1,), jnp.int8)
-    return _rows_fn(float(threshold), bool(llm_int8_scale))(x, mask)
+        return _rows_fn(float(threshold), bool(llm_int8_scale))(x, col_mask.astype(jnp.int8))
+    return _rows_fn(0.0, bool(llm_int8_scale))(x)
 
 
 @functools.lru_cache(maxsize=None)
 def _scaled_fn(per_column: bool, transpose: bool):
     def launch(x):
         M, N = x.shape
-        grid, meta = int8_quant.absmax_meta(M, N, per_column=per_column)
-        absmax = jt.triton_call(
-            x, M, kernel=int8_quant.absmax_kernel, enable_fp_fusion=False,
-            out_shape=jax.ShapeDtypeStruct((N if per_column else 1,), jnp.float32),
-            grid=grid, zeroed_outputs=(0,), name="int8_absmax", **meta,
-        )
-        grid, meta = int8_quant.scaled_meta(M, N, per_column=per_column, transpose=transpose)
-        codes = jt.triton_call(
-            x, absmax, M, kernel=int8_quant.quantize_scaled_kernel, enable_fp_fusion=False,
-            out_shape=jax.ShapeDtypeStruct((N, M) if transpose else (M, N), jnp.int8),
-            grid=grid, name="int8_quantize_scaled", **meta,
-        )
+        (absmax,) = triton_call(int8_specs.absmax_launch(M, N, per_column=per_column), x)
+        (codes,) = triton_call(int8_specs.scaled_launch(M, N, per_column=per_column, transpose=transpose), x, absmax)
         return codes, absmax
 
     fn = jax.custom_batching.custom_vmap(launch)

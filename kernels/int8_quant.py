@@ -47,7 +47,7 @@ def _round_to_int8(y):
 def quantize_rows_kernel(
     x_ptr,  # float (M, K)
     col_mask_ptr,  # int8 (K,): nonzero = outlier column, codes zeroed (LLM.int8)
-    M,  # runtime scalar: jax-triton passes scalars after the array inputs, before the outputs
+    M,  # runtime scalar: after the array inputs, before the outputs (qflax_kernels.launch)
     codes_ptr,  # int8 (M, K)
     absmax_ptr,  # float32 (M,)
     K: tl.constexpr,

@@ -1,13 +1,29 @@
-"""Choosing between the XLA reference path and a GPU kernel, observably.
+"""Choosing between the XLA reference path and a GPU kernel, observably and per caller.
 
 Every op in qflax.ops asks :func:`choose` which path to take. The answer follows, in order:
 the op's ``backend=`` argument, the innermost :func:`use_backend` context, the
-``QFLAX_BACKEND`` environment variable, then "auto" (the Triton kernel when a GPU and
-jax-triton are present and the kernel supports the arguments, else XLA). The choice is made
-at trace time and recorded, so ``last_path(op)`` tells tests and benchmarks what ran.
+``QFLAX_BACKEND`` environment variable (read when the op is traced), then "auto".
+
+Two questions are kept apart: whether the kernel *can* run the arguments (the op passes the
+reason it cannot, or None) and whether it is *faster* there (the op's measured policy).
+"triton" runs the kernel wherever it can run, even where auto would not pick it; "auto" takes
+it only on a GPU where it can run and is faster; "xla" never does.
+
+Scope: the context lives in a :class:`contextvars.ContextVar`, so it belongs to the calling
+thread and, under asyncio, to the calling task; it never leaks into another request. It is also
+entered into a JAX configuration state that is part of ``jax.jit``'s cache key, so a function
+jitted once is traced again when called under a different backend. That state is per thread,
+like JAX's own contexts (``jax.default_matmul_precision``): an asyncio task that awaits inside
+``use_backend`` shares the cache key with the tasks that run meanwhile on its thread, so give
+such code an explicit ``backend=`` instead.
+
+Where the kernels run: on a GPU with Triton and jaxlib's CUDA Triton bindings, and on CPU in
+Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were imported (the
+CI tests: there only an explicit "triton" runs them; "auto" stays on XLA).
 """
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 from typing import Iterator, Optional
@@ -15,8 +31,22 @@ from typing import Iterator, Optional
 BACKENDS = ("auto", "xla", "triton")
 ENV_VAR = "QFLAX_BACKEND"
 
-_context_stack: list[str] = []
-_last_path: dict[str, str] = {}
+_context: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("qflax_backend", default=None)
+_last_paths: contextvars.ContextVar[dict] = contextvars.ContextVar("qflax_last_paths", default={})
+
+
+def _jit_key_state():
+    """A JAX config state included in jit's cache key (private JAX API; None if it changes)."""
+    try:
+        from jax._src import config
+
+        return config.enum_state("qflax_backend", list(BACKENDS), "auto", help="qflax backend context (cache key)",
+                                 include_in_jit_key=True, include_in_trace_context=True)
+    except Exception:  # noqa: BLE001 - a JAX without this API still dispatches correctly per trace
+        return None
+
+
+_JIT_KEY = _jit_key_state()
 
 
 def _check_backend(name: str, source: str) -> str:
@@ -29,65 +59,87 @@ def requested_backend(backend: Optional[str] = None) -> str:
     """The backend asked for by argument, context or environment ("auto" if none)."""
     if backend is not None:
         return _check_backend(backend, "backend")
-    if _context_stack:
-        return _context_stack[-1]
+    context = _context.get()
+    if context is not None:
+        return context
     return _check_backend(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
-def triton_available() -> bool:
-    """True when JAX runs on a GPU and jax-triton and triton can be imported."""
+def kernel_runtime() -> Optional[str]:
+    """Where the Triton kernels can run in this process: "gpu", "interpreter" or None."""
+    if importlib.util.find_spec("triton") is None:
+        return None
     import jax
 
-    if jax.default_backend() != "gpu":
-        return False
-    return all(importlib.util.find_spec(m) is not None for m in ("jax_triton", "triton"))
+    if jax.default_backend() == "gpu":
+        from jax._src.lib import gpu_triton
+
+        return "gpu" if getattr(gpu_triton, "TritonKernel", None) is not None else None
+    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("torch") is not None:
+        return "interpreter"
+    return None
 
 
-def choose(op: str, backend: Optional[str] = None, kernel_supports: bool = True) -> str:
-    """Picks "xla" or "triton" for one call of ``op`` and records it.
+def triton_available() -> bool:
+    """True when JAX runs on a GPU where the Triton kernels can be launched."""
+    return kernel_runtime() == "gpu"
+
+
+def choose(op: str, backend: Optional[str] = None, unsupported: Optional[str] = None, faster: bool = True) -> str:
+    """Picks "xla" or "triton" for one call of ``op`` and records it (see :func:`last_path`).
 
     Args:
       op: the op's name, e.g. "matmul_4bit".
       backend: "auto", "xla", "triton" or None (use context/environment).
-      kernel_supports: whether a kernel exists for these arguments (dtype, blocksize...).
+      unsupported: why the kernel cannot run these arguments, or None when it can.
+      faster: whether the kernel is measured faster than XLA here (auto's policy).
 
     Returns:
       "xla" or "triton".
 
     Raises:
-      RuntimeError: "triton" was forced but no GPU/jax-triton is available.
-      ValueError: "triton" was forced for arguments the kernel does not support.
+      RuntimeError: "triton" was asked for but no kernel runtime (GPU, or the interpreter) exists.
+      ValueError: "triton" was asked for arguments the kernel cannot run.
     """
     wanted = requested_backend(backend)
     if wanted == "xla":
         path = "xla"
     elif wanted == "triton":
-        if not triton_available():
-            raise RuntimeError(f"{op}: backend 'triton' needs a GPU with jax-triton installed")
-        if not kernel_supports:
-            raise ValueError(f"{op}: no Triton kernel for these arguments; use backend='xla' or 'auto'")
+        if kernel_runtime() is None:
+            raise RuntimeError(f"{op}: backend 'triton' needs a GPU with triton installed (or TRITON_INTERPRET=1 "
+                               "on CPU, for tests)")
+        if unsupported is not None:
+            raise ValueError(f"{op}: the Triton kernel cannot run these arguments: {unsupported}; "
+                             "use backend='xla' or 'auto'")
         path = "triton"
     else:
-        path = "triton" if kernel_supports and triton_available() else "xla"
-    _last_path[op] = path
+        path = "triton" if unsupported is None and faster and triton_available() else "xla"
+    _last_paths.set({**_last_paths.get(), op: path})
     return path
 
 
 def last_path(op: str) -> Optional[str]:
-    """The path ("xla" or "triton") chosen the last time ``op`` was traced, or None."""
-    return _last_path.get(op)
+    """The path ("xla" or "triton") chosen the last time ``op`` was traced in this thread or task.
+
+    A debugging aid: a jitted function that is not traced again (cache hit) records nothing.
+    """
+    return _last_paths.get().get(op)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Within the block, ops choose ``name`` unless their ``backend=`` argument says otherwise.
+    """Within the block (this thread or task only), ops choose ``name`` unless their ``backend=`` says otherwise.
 
     Example:
       >>> with use_backend("xla"):
       ...     y = matmul_4bit(x, q)
     """
-    _context_stack.append(_check_backend(name, "name"))
+    token = _context.set(_check_backend(name, "name"))
     try:
-        yield
+        if _JIT_KEY is None:
+            yield
+        else:
+            with _JIT_KEY(name):
+                yield
     finally:
-        _context_stack.pop()
+        _context.reset(token)

@@ -22,10 +22,8 @@ from qflax.quant.fourbit import Packed4bit, dequantize_4bit, dequantize_absmax
 OP_NAME = "embed_4bit"
 
 
-def _kernel_supports(ids: jax.Array, q: Packed4bit) -> bool:
-    """KERNEL HOOK: no GPU kernel for 4-bit lookups exists, so dispatch always takes XLA."""
-    del ids, q
-    return False
+# KERNEL HOOK: no GPU kernel for 4-bit lookups exists, so dispatch always takes XLA.
+NO_KERNEL = "there is no GPU kernel for 4-bit embedding lookups"
 
 
 def _gathered_rows(ids: jax.Array, q: Packed4bit) -> jax.Array:
@@ -66,7 +64,7 @@ def embed_4bit(ids: jax.Array, q: Packed4bit, backend: Optional[str] = None) -> 
     if not np.issubdtype(ids_dtype, np.integer):
         raise TypeError(f"ids must be an integer array, got dtype {ids_dtype.name}")
     ids = jnp.asarray(ids)
-    path = dispatch.choose(OP_NAME, backend, kernel_supports=_kernel_supports(ids, q))
+    path = dispatch.choose(OP_NAME, backend, unsupported=NO_KERNEL)
     if path == "triton":  # KERNEL HOOK: a GPU lookup kernel would launch here (none exists: unreachable).
         raise NotImplementedError(f"{OP_NAME}: the Triton kernel is not implemented yet")
 

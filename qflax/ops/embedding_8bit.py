@@ -70,7 +70,7 @@ def embed_8bit(ids: jax.Array, w: Int8Rows, dtype=None, backend: Optional[str] =
     validation.check_choice(out_dtype.name, validation.FLOAT_DTYPES, "dtype")
     ids = check_ids(ids, w.codes.shape[0])
     # KERNEL HOOK (issue 8): a fused gather-dequant kernel would be chosen here.
-    dispatch.choose(OP_NAME, backend, kernel_supports=False)
+    dispatch.choose(OP_NAME, backend, unsupported="there is no GPU kernel for 8-bit embedding lookups")
     rows = jnp.take(w.codes, ids, axis=0, mode="fill", fill_value=0)
     scale = jnp.take(w.scale, ids, axis=0, mode="fill", fill_value=np.nan)
     # bitsandbytes divides by 127; XLA turns a division by a constant into a multiplication by

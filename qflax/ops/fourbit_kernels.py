@@ -1,16 +1,16 @@
-"""The Triton branch of ``matmul_4bit``: when the fused kernels apply, and how to call them.
+"""The Triton branch of ``matmul_4bit``: when the fused kernels can run, when they are faster, how to call them.
 
-``qflax.ops.fourbit_matmul`` asks :func:`kernel_supports` at trace time and, when dispatch
-picks "triton", calls :func:`forward` and (in the backward pass) :func:`grad_input`.
-``qflax_kernels.fourbit_jax`` (and through it triton/jax-triton) is imported only then, so
-importing qflax never needs them.
+``qflax.ops.fourbit_matmul`` asks :func:`unsupported_reason` and :func:`is_faster` at trace
+time and, when dispatch picks "triton", calls :func:`forward` and (in the backward pass)
+:func:`grad_input`. ``qflax_kernels.fourbit_jax`` (and through it triton) is imported only then,
+so importing qflax never needs it.
 """
 
+from typing import Optional
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from qflax.ops import dispatch
 from qflax.quant.fourbit import Packed4bit
 
 
@@ -26,19 +26,22 @@ WIDE_LAYER_OUT_FEATURES = 8192
 
 
 def max_kernel_rows(out_features: int, compute_dtype: str = "float32") -> int:
-    """The largest number of rows of x for which the kernels are used on a layer this wide."""
+    """The largest number of rows of x for which auto dispatch uses the kernels on a layer this wide."""
     if np.dtype(compute_dtype).name in ("float16", "bfloat16"):
         return HALF_PRECISION_ROWS
     return WIDE_LAYER_ROWS if out_features >= WIDE_LAYER_OUT_FEATURES else SMALL_BATCH_ROWS
 
 
-def kernel_supports(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
-    """Whether the fused 4-bit kernels should compute ``x @ W.T`` (or ``G @ W``) here.
+def _rows(x: jax.Array) -> int:
+    return int(np.prod(x.shape[:-1], dtype=np.int64))
 
-    True when JAX runs on a GPU with jax-triton, the weight is 2-D with ``in_features`` a
-    multiple of its blocksize, the blocksize is 64 or 128, the compute dtype is float16,
-    bfloat16 or float32, and x has at most :func:`max_kernel_rows` rows (256 for 16-bit
-    activations). Anything else takes the XLA reference path.
+
+def unsupported_reason(x: jax.Array, q: Packed4bit, compute_dtype: str) -> Optional[str]:
+    """Why the fused 4-bit kernels cannot compute ``x @ W.T`` (or ``G @ W``) here, or None.
+
+    They run 2-D weights with a 16-entry table, blocksize 64 or 128 dividing ``in_features``,
+    float16/bfloat16/float32 compute dtypes, fewer than 2**31 weight elements, and at least one
+    row of x.
 
     Args:
       x: the activations (or output gradient), ``(..., features)``.
@@ -46,17 +49,22 @@ def kernel_supports(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
       compute_dtype: name of the dtype the product is computed in.
 
     Returns:
-      bool.
+      A sentence, or None when the kernels can run.
     """
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if len(q.shape) != 2 or q.quant_map.shape != (16,) or rows > max_kernel_rows(q.shape[0], compute_dtype):
-        return False
-    if not dispatch.triton_available():
-        return False
+    if len(q.shape) != 2:
+        return f"the weight must be 2-D, got shape {q.shape}"
+    if _rows(x) == 0:
+        return "x has no rows"
     from qflax_kernels import fourbit_plan
 
     n, k = q.shape
-    return fourbit_plan.unsupported_reason(n, k, q.blocksize, np.dtype(compute_dtype).name) is None
+    return fourbit_plan.unsupported_reason(n, k, q.blocksize, np.dtype(compute_dtype).name,
+                                           quant_map_size=int(q.quant_map.shape[0]))
+
+
+def is_faster(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
+    """Whether the kernels were measured faster than the XLA path for this many rows (auto's policy)."""
+    return _rows(x) <= max_kernel_rows(q.shape[0], compute_dtype)
 
 
 def _weight_args(q: Packed4bit) -> dict:
@@ -75,9 +83,11 @@ def _weight_args(q: Packed4bit) -> dict:
 def forward(x: jax.Array, q: Packed4bit, bias: jax.Array | None, compute_dtype: str) -> jax.Array:
     """``x @ W.T + bias`` through the fused kernel, computed in ``compute_dtype``.
 
+    The bias is added in float32 inside the kernel before the one rounding to the output dtype.
+
     Args:
       x: (..., in_features) activations.
-      q: 2-D quantized weight (out, in) that :func:`kernel_supports` accepted.
+      q: 2-D quantized weight (out, in) the kernels can run.
       bias: optional (out_features,) bias.
       compute_dtype: dtype name of the product.
 
@@ -86,8 +96,7 @@ def forward(x: jax.Array, q: Packed4bit, bias: jax.Array | None, compute_dtype: 
     """
     from qflax_kernels import fourbit_jax
 
-    xc = x.astype(compute_dtype)
-    out = fourbit_jax.matmul_4bit(xc, bias=None if bias is None else bias.astype(compute_dtype), **_weight_args(q))
+    out = fourbit_jax.matmul_4bit(x.astype(compute_dtype), bias=bias, **_weight_args(q))
     return out.astype(x.dtype)
 
 
@@ -96,7 +105,7 @@ def grad_input(g: jax.Array, q: Packed4bit, compute_dtype: str) -> jax.Array:
 
     Args:
       g: (..., out_features) output gradient.
-      q: 2-D quantized weight (out, in) that :func:`kernel_supports` accepted.
+      q: 2-D quantized weight (out, in) the kernels can run.
       compute_dtype: dtype name of the product.
 
     Returns:
@@ -104,4 +113,4 @@ def grad_input(g: jax.Array, q: Packed4bit, compute_dtype: str) -> jax.Array:
     """
     from qflax_kernels import fourbit_jax
 
-    return fourbit_jax.grad_input_4bit(g.astype(compute_dtype), **_weight_args(q)).astype(jnp.dtype(compute_dtype))
+    return fourbit_jax.grad_input_4bit(g.astype(compute_dtype), **_weight_args(q))

@@ -45,11 +45,10 @@ def dequantize_as(q: Packed4bit, dtype: str) -> jax.Array:
     return dequantize_4bit(q.replace(dtype=dtype))
 
 
-def _kernel_supports(x: jax.Array, q: Packed4bit, compute_dtype: str) -> bool:
-    """Whether the fused Triton kernels (``qflax.ops.fourbit_kernels``) can compute this product:
-    a GPU with jax-triton, blocksize 64 or 128, ``in_features % blocksize == 0``, and a
-    float16/bfloat16/float32 compute dtype."""
-    return fourbit_kernels.kernel_supports(x, q, compute_dtype)
+def _choose(op: str, requested_backend: str, x: jax.Array, q: Packed4bit, compute_dtype: str) -> str:
+    """The path of one product: can the fused kernels run it, and are they faster here."""
+    return dispatch.choose(op, requested_backend, unsupported=fourbit_kernels.unsupported_reason(x, q, compute_dtype),
+                           faster=fourbit_kernels.is_faster(x, q, compute_dtype))
 
 
 def _forward_product(x: jax.Array, q: Packed4bit, bias: Optional[jax.Array], compute_dtype: str) -> jax.Array:
@@ -71,7 +70,7 @@ def _grad_input_product(g: jax.Array, q: Packed4bit, compute_dtype: str) -> jax.
 
 
 def _matmul_impl(x, q, bias, compute_dtype, requested_backend):
-    path = dispatch.choose(OP_NAME, requested_backend, kernel_supports=_kernel_supports(x, q, compute_dtype))
+    path = _choose(OP_NAME, requested_backend, x, q, compute_dtype)
     if path == "triton":
         return fourbit_kernels.forward(x, q, bias, compute_dtype)
     return _forward_product(x, q, bias, compute_dtype)
@@ -87,9 +86,7 @@ def _matmul_fwd(x, q, bias, compute_dtype, requested_backend):
 
 def _matmul_bwd(compute_dtype, requested_backend, residuals, g):
     q, bias = residuals
-    path = dispatch.choose(
-        GRAD_INPUT_OP_NAME, requested_backend, kernel_supports=_kernel_supports(g, q, compute_dtype)
-    )
+    path = _choose(GRAD_INPUT_OP_NAME, requested_backend, g, q, compute_dtype)
     if path == "triton":
         grad_x = fourbit_kernels.grad_input(g, q, compute_dtype).astype(g.dtype)
     else:

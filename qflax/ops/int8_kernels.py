@@ -1,13 +1,13 @@
 """The int8 kernel branch of the LLM.int8 and SwitchBack ops: what the Triton kernels support, and how to run them.
 
 The ops in ``qflax.ops`` (``matmul_8bit``, ``matmul_8bit_trainable``, ``switchback_matmul``,
-``switchback_matmul_prepared``, ``switchback_bnb_matmul``) ask :func:`kernel_supports` when they
+``switchback_matmul_prepared``, ``switchback_bnb_matmul``) ask :func:`unsupported_reason` when they
 call ``dispatch.choose`` and, on the "triton" path, compute their int8 products with the
 ``run_*`` functions below instead of the XLA reference. Each ``run_*`` computes exactly what the
 XLA reference computes (same quantizers, same dequant order), up to float rounding. Nothing here
 is differentiable by itself: the ops' ``custom_vjp`` rules call these in forward and backward.
 
-``qflax_kernels.int8_launch`` (and with it triton and jax-triton) is imported only when a
+``qflax_kernels.int8_launch`` (and with it triton) is imported only when a
 ``run_*`` function runs, so ``import qflax`` works without them.
 """
 
@@ -29,8 +29,8 @@ def _launch():
     return int8_launch
 
 
-def kernel_supports(dtype, in_features: int, out_features: Optional[int] = None) -> bool:
-    """Whether the int8 Triton kernels handle activations of ``dtype`` against an ``(out, in)`` weight.
+def unsupported_reason(dtype, in_features: int, out_features: Optional[int] = None) -> Optional[str]:
+    """Why the int8 Triton kernels cannot take activations of ``dtype`` against an ``(out, in)`` weight, or None.
 
     Args:
       dtype: activation (and output) dtype.
@@ -38,12 +38,14 @@ def kernel_supports(dtype, in_features: int, out_features: Optional[int] = None)
       out_features: N, the weight's rows (the K of the backward product); None to skip that check.
 
     Returns:
-      True for float16/bfloat16/float32 with both dimensions in ``[1, MAX_K]``.
+      None for float16/bfloat16/float32 with both dimensions in ``[1, MAX_K]``, else a sentence.
     """
     if jnp.dtype(dtype) not in KERNEL_DTYPES:
-        return False
+        return f"activations must be float16, bfloat16 or float32, got {jnp.dtype(dtype).name}"
     dims = [in_features] + ([] if out_features is None else [out_features])
-    return all(1 <= d <= MAX_K for d in dims)
+    if not all(1 <= d <= MAX_K for d in dims):
+        return f"in_features and out_features must be in [1, {MAX_K}], got {dims}"
+    return None
 
 
 def _rows(x: jax.Array) -> jax.Array:

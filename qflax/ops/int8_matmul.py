@@ -70,8 +70,8 @@ def _check_bias(bias: Optional[jax.Array], out_features: int) -> Optional[jax.Ar
 def _choose_path(backend: Optional[str], x: jax.Array, out_features: int) -> str:
     # The Triton path (qflax.ops.int8_kernels): fused LLM.int8 quantizer, int8 GEMM with the
     # dequant/bias epilogue and the outlier columns' float product inside the same kernel.
-    supported = int8_kernels.kernel_supports(x.dtype, x.shape[-1], out_features)
-    return dispatch.choose(OP_NAME, backend, kernel_supports=supported)
+    unsupported = int8_kernels.unsupported_reason(x.dtype, x.shape[-1], out_features)
+    return dispatch.choose(OP_NAME, backend, unsupported=unsupported)
 
 
 def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:

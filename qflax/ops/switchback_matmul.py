@@ -84,8 +84,8 @@ def _int8_linear(a_codes, a_scale, b_codes, b_scale, bias, dtype, path: str):
 
 def _choose(op: str, backend, x, weight_shape) -> str:
     """The path for one call: the int8 kernels take float16/bfloat16/float32 and rows up to their limit."""
-    supported = int8_kernels.kernel_supports(x.dtype, weight_shape[1], weight_shape[0])
-    return dispatch.choose(op, backend, kernel_supports=supported)
+    unsupported = int8_kernels.unsupported_reason(x.dtype, weight_shape[1], weight_shape[0])
+    return dispatch.choose(op, backend, unsupported=unsupported)
 
 
 def _float_matmul(a, b, contract_a: int, contract_b: int, dtype):

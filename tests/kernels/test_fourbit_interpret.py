@@ -1,8 +1,9 @@
-"""The 4-bit Triton kernels, run by Triton's interpreter on torch CPU tensors, vs the XLA reference.
+"""The 4-bit Triton kernels through their real JAX launcher, run by Triton's interpreter, vs the XLA reference.
 
-Each test launches the same ``@triton.jit`` function the GPU runs, with the launch plan of
-``qflax_kernels.fourbit_plan`` (forced to small tiles so N, M and split-K have tails), and
-compares with ``x @ dequantize_4bit(q).T`` computed by XLA in float32.
+Each test calls ``qflax_kernels.fourbit_jax`` (the launcher the GPU uses: plan, launch, the
+``triton_call`` primitive, whose CPU lowering runs the same ``@triton.jit`` function in Triton's
+interpreter on poisoned outputs), forces small tiles so N, M and split-K (reduced in the kernel)
+have tails, and compares with ``x @ dequantize_4bit(q).T`` computed by XLA in float32.
 """
 
 import itertools
@@ -12,24 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from qflax.quant import fourbit
-from qflax_kernels import fourbit_plan
+from qflax_kernels import fourbit_jax, fourbit_plan
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests run where no GPU is present (CI)"
 )
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = ("float16", "bfloat16", "float32")
 # Relative Frobenius error allowed per activation dtype (kernel rounds differently from XLA).
 TOLERANCE = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 1e-5}
 COMBOS = list(itertools.product(("nf4", "fp4"), (64, 128), (False, True), tuple(DTYPES)))
 ROWS = (1, 3, 17, 64)
-
-
-def _torch(array) -> torch.Tensor:
-    return torch.from_numpy(np.array(array))
 
 
 def _weight(rng, n, k, blocksize, quant_type, nested):
@@ -38,82 +34,34 @@ def _weight(rng, n, k, blocksize, quant_type, nested):
     return q, np.asarray(fourbit.dequantize_4bit(q), np.float32)
 
 
-def _weight_tensors(q, table="pairs"):
-    """Kernel arguments after x: packed, absmax, table, nested map, nested absmax, nested offset.
-
-    ``table`` "pairs" gives the float32 kernels' (256, 2) code-pair table, "quant_map" the
-    (16,) table the register-decode kernels take.
-    """
-    placeholder = torch.zeros(1, dtype=torch.float32)
-    if q.nested:
-        stats = (_torch(q.absmax), _torch(q.nested_quant_map), _torch(q.nested_absmax), _torch(q.nested_offset).reshape(1))
-    else:
-        stats = (_torch(q.absmax), placeholder, placeholder, placeholder)
-    table_values = np.asarray(q.quant_map, np.float32)
-    if table == "quant_map":
-        table_arg = torch.from_numpy(table_values.copy())
-    else:
-        byte = np.arange(256)
-        table_arg = torch.from_numpy(np.stack([table_values[byte >> 4], table_values[byte & 15]], axis=-1))
-    return (_torch(q.packed).reshape(-1), stats[0], table_arg, *stats[1:])
-
-
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
     """Rounds float32 data to ``dtype`` and back, so kernel and reference see the same input."""
     return np.asarray(jnp.asarray(array).astype(dtype).astype(jnp.float32))
 
 
-def _relative_error(out: torch.Tensor, ref: np.ndarray) -> float:
-    got = out.to(torch.float32).numpy()
-    assert np.isfinite(got).all()
+def _relative_error(out, ref: np.ndarray) -> float:
+    got = np.asarray(out, np.float32)
+    assert np.isfinite(got).all()  # the primitive poisons outputs with NaN: every element was written
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
-def run_matmul(x, q, bias, override):
-    """Launches the forward kernel the way ``fourbit_jax`` does; returns (out, plan)."""
-    from qflax_kernels import fourbit_triton
+def _weight_kwargs(q):
+    return dict(shape=q.shape, blocksize=q.blocksize, nested_absmax=q.nested_absmax,
+                nested_quant_map=q.nested_quant_map, nested_offset=q.nested_offset)
 
+
+def run_matmul(x, q, bias, override):
+    """Runs the real JAX launcher (``fourbit_jax`` -> ``triton_call`` -> interpreter); returns (out, plan)."""
     m, k = x.shape
-    n = q.shape[0]
-    dtype_name = str(x.dtype).removeprefix("torch.")
-    plan = fourbit_plan.plan_matmul(m, n, k, q.blocksize, dtype_name, override=override)
-    split = plan.split_k > 1
-    # Poisoned output: every element must be written.
-    out = torch.full((plan.split_k, m, n) if split else (m, n), float("nan"), dtype=torch.float32 if split else x.dtype)
-    bias_arg = torch.zeros(1, dtype=x.dtype) if bias is None else bias
-    common = dict(N=n, K=k, BS=q.blocksize, BN=plan.block_n, SPLIT_K=plan.split_k,
-                  NESTED=q.nested, NESTED_BS=256, HAS_BIAS=bias is not None)
-    register_decode = plan.kernel in ("word_gemv", "mma")
-    args = (x, *_weight_tensors(q, "quant_map" if register_decode else "pairs"), bias_arg, out)
-    if plan.kernel == "word_gemv":
-        fourbit_triton.fourbit_word_gemv_kernel[plan.grid](*args, **common, SW=plan.words, USE_ASM=False)
-    elif plan.kernel == "mma":
-        fourbit_triton.fourbit_matmul_kernel[plan.grid](*args, **common, M=m, BM=plan.block_m, BK=plan.block_k,
-                                                          USE_ASM=False)
-    elif plan.kernel == "gemv":
-        fourbit_triton.fourbit_gemv_kernel[plan.grid](*args, **common, GROUP=plan.group)
-    else:
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        fourbit_triton.fourbit_gemm_kernel[plan.grid](*args, **common, M=m, BM=plan.block_m, PRECISION=precision)
-    if split:
-        total = out.sum(0) + (0 if bias is None else bias.to(torch.float32))
-        out = total.to(x.dtype)
+    plan = fourbit_plan.plan_matmul(m, q.shape[0], k, q.blocksize, jnp.dtype(x.dtype).name,
+                                    fourbit_jax.sm_count(), override)
+    out = jax.jit(lambda x, bias: fourbit_jax.matmul_4bit(x, q.packed, q.absmax, q.quant_map, bias=bias,
+                                                          plan_override=override, **_weight_kwargs(q)))(x, bias)
     return out, plan
 
 
 def run_grad_input(g, q, override):
-    from qflax_kernels import fourbit_triton
-
-    m, n = g.shape
-    k = q.shape[1]
-    plan = fourbit_plan.plan_grad_input(m, n, k, q.blocksize, override=override)
-    out = torch.full((m, k), float("nan"), dtype=g.dtype)
-    precision = "ieee" if g.dtype == torch.float32 else "tf32"
-    fourbit_triton.fourbit_grad_input_kernel[plan.grid](
-        g, *_weight_tensors(q), out, M=m, N=n, K=k, BS=q.blocksize, BM=plan.block_m, BN=plan.block_n,
-        NESTED=q.nested, NESTED_BS=256, PRECISION=precision,
-    )
-    return out
+    return fourbit_jax.grad_input_4bit(g, q.packed, q.absmax, q.quant_map, plan_override=override, **_weight_kwargs(q))
 
 
 def _check_forward(index, kernel, m, k, override):
@@ -123,9 +71,9 @@ def _check_forward(index, kernel, m, k, override):
     q, w = _weight(rng, n, k, blocksize, quant_type, nested)
     x = _cast(rng.standard_normal((m, k)).astype(np.float32), dtype)
     bias = _cast(rng.standard_normal(n).astype(np.float32), dtype) if index % 2 else None
-    out, plan = run_matmul(_torch(x).to(DTYPES[dtype]), q, None if bias is None else _torch(bias).to(DTYPES[dtype]),
+    out, plan = run_matmul(jnp.asarray(x, dtype), q, None if bias is None else jnp.asarray(bias, dtype),
                            dict(dict(kernel=kernel, block_n=32), **override))
-    assert (plan.kernel, out.shape, out.dtype) == (kernel, (m, n), DTYPES[dtype])
+    assert (plan.kernel, out.shape, out.dtype) == (kernel, (m, n), jnp.dtype(dtype))
     w_rounded = _cast(w, dtype)  # the reference dequantizes into the activation dtype
     ref = np.asarray(jnp.dot(jnp.asarray(x), jnp.asarray(w_rounded).T, precision=jax.lax.Precision.HIGHEST))
     if bias is not None:
@@ -173,8 +121,8 @@ def test_grad_input_kernel_matches_xla_reference(index):
     n, k = 80 + 16 * (index % 3) + 2, 256  # N is not a multiple of BN=32: the N loop has a tail
     q, w = _weight(rng, n, k, blocksize, quant_type, nested)
     g = _cast(rng.standard_normal((m, n)).astype(np.float32), dtype)
-    out = run_grad_input(_torch(g).to(DTYPES[dtype]), q, dict(block_n=32))
-    assert out.shape == (m, k) and out.dtype == DTYPES[dtype]
+    out = run_grad_input(jnp.asarray(g, dtype), q, dict(block_n=32))
+    assert out.shape == (m, k) and out.dtype == jnp.dtype(dtype)
     ref = np.asarray(jnp.dot(jnp.asarray(g), jnp.asarray(_cast(w, dtype)), precision=jax.lax.Precision.HIGHEST))
     assert _relative_error(out, ref) < TOLERANCE[dtype]
 
@@ -186,7 +134,7 @@ def test_default_plans_cover_small_and_large_batches():
     kernels = []
     for m in ROWS:
         x = rng.standard_normal((m, 384)).astype(np.float32)
-        out, plan = run_matmul(_torch(x), q, None, None)
+        out, plan = run_matmul(jnp.asarray(x), q, None, None)
         kernels.append(plan.kernel)
         assert _relative_error(out, x @ w.T) < 1e-5
     assert kernels[0] == "gemv" and kernels[-1] == "gemm"
@@ -199,7 +147,7 @@ def test_default_plans_for_16_bit_activations_use_the_register_decode_kernels():
     kernels = []
     for m in ROWS:
         x = _cast(rng.standard_normal((m, 512)).astype(np.float32), "bfloat16")
-        out, plan = run_matmul(_torch(x).to(torch.bfloat16), q, None, None)
+        out, plan = run_matmul(jnp.asarray(x, jnp.bfloat16), q, None, None)
         kernels.append(plan.kernel)
         assert _relative_error(out, x @ _cast(w, "bfloat16").T) < TOLERANCE["bfloat16"]
     assert kernels == ["word_gemv", "mma", "mma", "mma"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qflax.ops import fourbit_kernels
-from qflax.quant import codebooks, fourbit
+from qflax.quant import fourbit
 from qflax_kernels import fourbit_jax, fourbit_plan
 
 
@@ -89,34 +89,33 @@ def test_launcher_raises_before_launching_for_unsupported_blocksize():
                                 shape=q.shape, blocksize=q.blocksize)
 
 
-def test_code_pairs_hold_both_nibbles_of_every_byte():
-    table = np.asarray(codebooks.table_4bit("fp4"), np.float32)
-    pairs = np.asarray(fourbit_jax.code_pairs(jnp.asarray(table)))
-    for byte in (0x00, 0x0F, 0xF0, 0x3A, 0xFF):
-        np.testing.assert_array_equal(pairs[byte], [table[byte >> 4], table[byte & 0x0F]])
+def test_unsupported_reason_names_what_the_kernels_cannot_run():
+    q64 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
+    assert fourbit_kernels.unsupported_reason(jnp.ones((4, 8, 256), jnp.bfloat16), q64, "bfloat16") is None
+    assert fourbit_kernels.unsupported_reason(jnp.ones((5000, 256), jnp.float32), q64, "float32") is None
+    q256 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=256)
+    assert "blocksize" in fourbit_kernels.unsupported_reason(jnp.ones((1, 256), jnp.bfloat16), q256, "bfloat16")
+    q_odd_k = fourbit.quantize_4bit(jnp.ones((64, 96), jnp.float32), blocksize=64)
+    assert "multiple of blocksize" in fourbit_kernels.unsupported_reason(jnp.ones((1, 96), jnp.bfloat16), q_odd_k,
+                                                                         "bfloat16")
+    assert "no rows" in fourbit_kernels.unsupported_reason(jnp.ones((0, 256), jnp.bfloat16), q64, "bfloat16")
+
+
+def test_is_faster_follows_the_measured_row_bounds():
+    q64 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
+    assert fourbit_kernels.is_faster(jnp.ones((4, 8, 256), jnp.float32), q64, "float32")  # 32 rows
+    assert not fourbit_kernels.is_faster(jnp.ones((33, 256), jnp.float32), q64, "float32")
+    assert fourbit_kernels.is_faster(jnp.ones((256, 256), jnp.float16), q64, "float16")
+    assert not fourbit_kernels.is_faster(jnp.ones((257, 256), jnp.float16), q64, "float16")
+    wide = fourbit.quantize_4bit(jnp.ones((8192, 64), jnp.float32), blocksize=64)
+    assert fourbit_kernels.is_faster(jnp.ones((256, 64), jnp.float32), wide, "float32")
+    assert not fourbit_kernels.is_faster(jnp.ones((257, 64), jnp.float32), wide, "float32")
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU answer")
-def test_kernel_supports_is_false_without_a_gpu():
+def test_auto_never_picks_the_interpreter_on_cpu():
+    from qflax import ops
+
     q = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
-    assert not fourbit_kernels.kernel_supports(jnp.ones((1, 256), jnp.bfloat16), q, "bfloat16")
-
-
-def test_kernel_supports_rules_when_triton_is_available(monkeypatch):
-    from qflax.ops import dispatch
-
-    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    q64 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
-    small = jnp.ones((4, 8, 256), jnp.bfloat16)  # 32 rows: the largest float32 batch for a narrow layer
-    assert fourbit_kernels.kernel_supports(small, q64, "bfloat16")
-    assert fourbit_kernels.kernel_supports(small, q64, "float32")
-    assert not fourbit_kernels.kernel_supports(jnp.ones((33, 256), jnp.float32), q64, "float32")
-    assert fourbit_kernels.kernel_supports(jnp.ones((256, 256), jnp.float16), q64, "float16")
-    assert not fourbit_kernels.kernel_supports(jnp.ones((257, 256), jnp.float16), q64, "float16")
-    wide = fourbit.quantize_4bit(jnp.ones((8192, 64), jnp.float32), blocksize=64)
-    assert fourbit_kernels.kernel_supports(jnp.ones((256, 64), jnp.float32), wide, "float32")
-    assert not fourbit_kernels.kernel_supports(jnp.ones((257, 64), jnp.float32), wide, "float32")
-    q256 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=256)
-    assert not fourbit_kernels.kernel_supports(small, q256, "bfloat16")
-    q_odd_k = fourbit.quantize_4bit(jnp.ones((64, 96), jnp.float32), blocksize=64)
-    assert not fourbit_kernels.kernel_supports(jnp.ones((1, 96), jnp.bfloat16), q_odd_k, "bfloat16")
+    ops.matmul_4bit(jnp.ones((1, 256), jnp.bfloat16), q)
+    assert ops.last_path("matmul_4bit") == "xla"

@@ -1,7 +1,7 @@
 """Every int8 kernel through Triton's interpreter (TRITON_INTERPRET=1, torch CPU tensors) vs the XLA reference.
 
-The kernels are launched exactly as the JAX launchers launch them (same grid/metaparameter
-helpers), on small shapes whose sizes are not multiples of the tiles, with all-zero rows,
+The kernels are launched from the same launch objects the JAX launchers run (``int8_specs``),
+with Triton's launcher on torch tensors (``torch_launch``, poisoned outputs), on small shapes whose sizes are not multiples of the tiles, with all-zero rows,
 columns and tensors, and with values that land exactly on rounding halves.
 """
 
@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from qflax.quant import int8 as int8_ref  # noqa: E402
 from qflax.quant import switchback as sb_ref  # noqa: E402
-from qflax_kernels import int8_gemm, int8_quant  # noqa: E402
+from qflax_kernels import int8_specs, torch_launch  # noqa: E402
 
 # Small tiles so that 3-D grids, tails and several K steps all happen on tiny shapes.
 SMALL_GEMM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
@@ -40,35 +40,26 @@ def _n(t):
     return t.numpy()
 
 
-def _launch(kernel, grid, meta, *args):
-    meta = dict(meta)
-    meta.pop("num_stages", None)
-    meta.pop("num_warps", None)
-    kernel[grid](*args, **meta)
-
-
 def _gemm(a, b, a_scale, b_scale, bias=None, out_dtype="float32", x=None, outlier_idx=None, w_float=None,
           config=SMALL_GEMM):
     M, K = a.shape
     N = b.shape[0]
     has_out = x is not None
-    grid, meta = int8_gemm.gemm_meta(
-        M, N, K, has_bias=bias is not None, b_scale_global=b_scale.shape[0] == 1 and N != 1,
+    spec = int8_specs.gemm_launch(
+        M, N, K, out_dtype, has_bias=bias is not None, b_scale_global=b_scale.shape[0] == 1 and N != 1,
         has_outliers=has_out, outlier_w_float=w_float is not None, config=config,
         dot_ieee=has_out and (x.dtype == np.float32 or (w_float is not None and w_float.dtype == np.float32)),
     )
-    out = torch.full((M, N), float("nan"), dtype=TORCH_DTYPES[out_dtype])
     idx = np.zeros(max(K, 1), np.int32) if outlier_idx is None else np.asarray(outlier_idx, np.int32)
     count = np.array([0 if outlier_idx is None else len(outlier_idx)], np.int32)
     if outlier_idx is not None:
         idx = np.concatenate([idx, np.zeros(K - len(idx), np.int32)])
-    _launch(
-        int8_gemm.int8_matmul_dequant_kernel, grid, meta,
+    (out,) = torch_launch.run(spec, [
         _t(a), _t(b), _t(a_scale), _t(b_scale),
         _t(bias) if bias is not None else torch.zeros(1),
         _t(x) if has_out else torch.zeros(1), _t(idx), _t(count),
-        _t(w_float) if w_float is not None else torch.zeros(1), M, out,
-    )
+        _t(w_float) if w_float is not None else torch.zeros(1),
+    ], poison=True)
     return _n(out)
 
 
@@ -146,11 +137,9 @@ def test_gemm_outlier_columns_add_the_float_matmul(x_dtype):
 
 def _rows(x, col_mask=None, threshold=0.0, llm_int8_scale=False):
     M, K = x.shape
-    grid, meta = int8_quant.rows_meta(M, K, threshold=threshold, llm_int8_scale=llm_int8_scale)
-    codes = torch.full((M, K), 99, dtype=torch.int8)
-    absmax = torch.full((M,), float("nan"))
+    spec = int8_specs.rows_launch(M, K, threshold=threshold, llm_int8_scale=llm_int8_scale)
     mask = torch.zeros(1, dtype=torch.int8) if col_mask is None else _t(np.asarray(col_mask).astype(np.int8))
-    _launch(int8_quant.quantize_rows_kernel, grid, meta, _t(x), mask, M, codes, absmax)
+    codes, absmax = torch_launch.run(spec, [_t(x), mask], poison=True)
     return codes.numpy(), absmax.numpy()
 
 
@@ -230,12 +219,9 @@ def test_quantize_rows_with_outliers_matches_llm_int8_semantics(M):
 
 def _scaled(x, per_column, transpose):
     M, N = x.shape
-    grid, meta = int8_quant.absmax_meta(M, N, per_column=per_column)
-    absmax = torch.zeros(N if per_column else 1)
-    _launch(int8_quant.absmax_kernel, grid, meta, _t(x), M, absmax)
-    grid, meta = int8_quant.scaled_meta(M, N, per_column=per_column, transpose=transpose)
-    codes = torch.full((N, M) if transpose else (M, N), 99, dtype=torch.int8)
-    _launch(int8_quant.quantize_scaled_kernel, grid, meta, _t(x), absmax, M, codes)
+    (absmax,) = torch_launch.run(int8_specs.absmax_launch(M, N, per_column=per_column), [_t(x)], poison=True)
+    (codes,) = torch_launch.run(int8_specs.scaled_launch(M, N, per_column=per_column, transpose=transpose),
+                                [_t(x), absmax], poison=True)
     return codes.numpy(), absmax.numpy()
 
 

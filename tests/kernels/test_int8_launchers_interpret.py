@@ -1,12 +1,11 @@
 """The JAX launchers (qflax_kernels.int8_launch, qflax.ops.int8_kernels) on CPU, kernels in Triton's interpreter.
 
-``jax_triton.triton_call`` is replaced by a ``pure_callback`` that launches the same kernel in
-the interpreter, so argument order, grids, metaparameters, output shapes, zero-initialised
+The real launchers run: their ``triton_call`` primitive lowers on CPU to the same kernel in the
+interpreter, so argument order, grids, metaparameters, output shapes, zero-initialised
 outputs and the custom_vmap rules are all exercised without a GPU.
 """
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +16,6 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests run only where TRITON_INTERPRET=1 (CPU machines)", allow_module_level=True)
 pytest.importorskip("torch")
 pytest.importorskip("triton")
-
-sys.path.insert(0, os.path.dirname(__file__))
-import interpreted_triton_call  # noqa: E402
-
-with interpreted_triton_call.installed():
-    from qflax_kernels import int8_launch  # noqa: E402,F401  (binds the stand-in triton_call)
 
 from qflax.ops import int8_kernels  # noqa: E402
 from qflax.quant import int8 as int8_ref  # noqa: E402
