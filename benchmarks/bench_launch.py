@@ -63,7 +63,14 @@ def baselines():
     for target in ("ffi", "legacy"):
         rows.append((f"qflax_triton_call_{target}", ("target", target, lambda y: qtc.triton_call(spec, y)[0]), ()))
     try:
+        cache_dir = os.environ.get("TRITON_CACHE_DIR")
         import jax_triton as jt
+
+        # jax-triton blanks TRITON_CACHE_DIR on import, which breaks triton.compile's cache.
+        if cache_dir is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache_dir
 
         rows.append(("jax_triton_triton_call", lambda y: jt.triton_call(
             y, kernel=scale_kernel, out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype), grid=(1,), N=DIM, BLOCK=DIM), ()))

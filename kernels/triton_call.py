@@ -184,7 +184,7 @@ def _gpu_lowering(ctx, *operands, launch):
     from jax._src.lib.mlir import ir
 
     opaque = kernel_call_proto(launch, ctx.avals_in)
-    result_types = [mlir.aval_to_ir_type(a) for a in ctx.avals_out]
+    result_types = [ir.RankedTensorType.get(a.shape, mlir.dtype_to_ir_type(a.dtype)) for a in ctx.avals_out]
     target = custom_call_target()
     if target == FFI_TARGET:
         config = dict(name=ir.StringAttr.get(launch.name), opaque=ir.StringAttr.get(opaque))
