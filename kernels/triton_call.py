@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax._src import dispatch as jax_dispatch
 from jax.extend import core as jex_core
+from jax._src.interpreters import mlir as mlir_internal  # custom_call: not public in jax 0.11
 from jax.interpreters import ad, batching, mlir
 
 from qflax_kernels.launch import Launch, is_interpreted, kernel_arg_names
@@ -188,10 +189,10 @@ def _gpu_lowering(ctx, *operands, launch):
     target = custom_call_target()
     if target == FFI_TARGET:
         config = dict(name=ir.StringAttr.get(launch.name), opaque=ir.StringAttr.get(opaque))
-        call = mlir.custom_call(FFI_TARGET, result_types=result_types, operands=list(operands), backend_config=config,
+        call = mlir_internal.custom_call(FFI_TARGET, result_types=result_types, operands=list(operands), backend_config=config,
                                 operand_layouts=_row_major(ctx.avals_in), result_layouts=_row_major(ctx.avals_out))
     else:
-        call = mlir.custom_call(LEGACY_TARGET, result_types=result_types, operands=list(operands),
+        call = mlir_internal.custom_call(LEGACY_TARGET, result_types=result_types, operands=list(operands),
                                 backend_config=opaque, api_version=2,
                                 operand_layouts=_row_major(ctx.avals_in), result_layouts=_row_major(ctx.avals_out))
     return call.results
