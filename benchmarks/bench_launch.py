@@ -60,7 +60,7 @@ def baselines():
     spec = make_launch(scale_kernel, (1,), num_warps=4, num_stages=1, constexprs=dict(N=DIM, BLOCK=DIM),
                        outputs=(Output((1, DIM), "bfloat16"),), name="bench_scale")
     rows = [("xla_elementwise", xla, ())]
-    for target in ("ffi", "legacy"):
+    for target in ("ffi", "legacy", "xla"):
         rows.append((f"qflax_triton_call_{target}", ("target", target, lambda y: qtc.triton_call(spec, y)[0]), ()))
     try:
         cache_dir = os.environ.get("TRITON_CACHE_DIR")
@@ -109,12 +109,15 @@ def qflax_ops(key):
                                 ("matmul_4bit_fp4", False, "fp4")):
         q = fourbit.quantize_4bit(w, 64, quant, nested)
         rows.append((name, lambda y, q: ops.matmul_4bit(y, q), (q,)))
+        # The same op with XLA compiling the kernel's Triton IR itself (custom call __gpu$xla.gpu.triton).
+        rows.append((f"{name}[xla_triton]", ("target", "xla", lambda y, q: ops.matmul_4bit(y, q)), (q,)))
     rows.append(("matmul_4bit_nf4_xla", lambda y, q: ops.matmul_4bit(y, q, backend="xla"),
                  (fourbit.quantize_4bit(w, 64, "nf4", False),)))
     w8 = int8_quant.quantize_rows(w)
     for threshold in (0.0, 6.0):
         rows.append((f"matmul_8bit_t{threshold:g}", lambda y, w8, t=threshold: ops.matmul_8bit(y, w8, threshold=t),
                      (w8,)))
+    rows.append(("matmul_8bit_t0[xla_triton]", ("target", "xla", lambda y, w8: ops.matmul_8bit(y, w8)), (w8,)))
     wb = w.astype(jnp.bfloat16)
     for variant in ("global", "vectorwise"):
         rows.append((f"switchback_{variant}", lambda y, wb, v=variant: ops.switchback_matmul(y, wb, variant=v), (wb,)))

@@ -4,7 +4,7 @@
 # Usage (on the GPU machine, repository root): bash benchmarks/gpu_run.sh STEP [STEP ...]
 #   probe      versions and which custom-call target jaxlib offers
 #   tests      pytest -m gpu (kernels and torch_compat bridge)
-#   launch     benchmarks/bench_launch.py with and without XLA command buffers
+#   launch     benchmarks/bench_launch.py with and without XLA command buffers (launch-cb: with only)
 #   e2e        benchmarks/bench_e2e.py (E2E_ARGS overrides its arguments)
 #   tune       benchmarks/tune_4bit_tiles.py --planned (TUNE_ARGS)
 # Wheels in .whl/ are installed to /tmp/site (jax-triton for the launch baseline, bitsandbytes).
@@ -37,14 +37,15 @@ PY
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
         tests/kernels tests/torch_compat/test_bridge.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
       ;;
-    launch)
-      (cd benchmarks && timeout 150 python3 bench_launch.py --out "$OUT/launch.json" 2>&1 | tail -20)
+    launch|launch-cb)
+      (cd benchmarks && timeout 150 python3 bench_launch.py --out "$OUT/launch.json" 2>&1 | tail -25)
+      [ "$step" = launch-cb ] && continue
       (cd benchmarks && XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 150 python3 bench_launch.py \
         --tag no-command-buffers --out "$OUT/launch_nocb.json" 2>&1 | tail -20)
       ;;
     e2e)
       (cd benchmarks && timeout 560 python3 bench_e2e.py ${E2E_ARGS:---kinds bf16,nf4_dq,nf4,int8_t0 --rows 1,16} \
-        --out "$OUT/e2e.json" 2>&1 | grep -v Warning | tail -40)
+        --out "$OUT/e2e${E2E_TAG:-}.json" 2>&1 | grep -v Warning | tail -40)
       ;;
     tune)
       (cd benchmarks && timeout 400 python3 tune_4bit_tiles.py ${TUNE_ARGS:---planned} --out "$OUT/tune.json" 2>&1 | tail -40)

@@ -36,6 +36,8 @@ from qflax_kernels.launch import Launch, is_interpreted, kernel_arg_names
 CUSTOM_CALL_ENV = "QFLAX_TRITON_CUSTOM_CALL"
 FFI_TARGET = "triton_kernel_call_ffi"
 LEGACY_TARGET = "triton_kernel_call"
+# XLA compiles Triton IR itself (what Pallas emits): a kernel of XLA's own inside its command buffers.
+XLA_TRITON_TARGET = "__gpu$xla.gpu.triton"
 # Every qflax kernel assumes 16-byte aligned pointers (XLA's buffers are aligned further).
 POINTER_ALIGNMENT = 16
 
@@ -111,37 +113,60 @@ def ffi_target_available() -> bool:
     return registrations is not None and FFI_TARGET in registrations()
 
 
+TARGETS = {"ffi": FFI_TARGET, "legacy": LEGACY_TARGET, "xla": XLA_TRITON_TARGET}
+
+
 def custom_call_target() -> str:
     """The custom-call target this process emits: ``QFLAX_TRITON_CUSTOM_CALL``, else FFI when available."""
     forced = os.environ.get(CUSTOM_CALL_ENV, "").strip().lower()
-    if forced not in ("", "ffi", "legacy"):
-        raise ValueError(f"{CUSTOM_CALL_ENV} must be 'ffi' or 'legacy', got {forced!r}")
-    if forced == "ffi" or (not forced and ffi_target_available()):
-        if not ffi_target_available():
-            raise RuntimeError(f"{CUSTOM_CALL_ENV}=ffi, but this jaxlib does not register {FFI_TARGET}")
-        return FFI_TARGET
-    return LEGACY_TARGET
+    if forced not in ("", *TARGETS):
+        raise ValueError(f"{CUSTOM_CALL_ENV} must be one of {sorted(TARGETS)}, got {forced!r}")
+    if forced == "ffi" and not ffi_target_available():
+        raise RuntimeError(f"{CUSTOM_CALL_ENV}=ffi, but this jaxlib does not register {FFI_TARGET}")
+    if forced:
+        return TARGETS[forced]
+    return FFI_TARGET if ffi_target_available() else LEGACY_TARGET
+
+
+def _signature(launch: Launch, input_avals, scalars_as_constants: bool) -> tuple:
+    """(name, Triton type) of every kernel parameter, in the kernel's order."""
+    names = launch.argument_names()
+    types = [f"*{triton_type(a.dtype)}" for a in input_avals]
+    types += ["constexpr" if scalars_as_constants else "i32"] * len(launch.scalars)
+    types += [f"*{triton_type(o.dtype)}" for o in launch.outputs]
+    by_name = dict(zip(names, types), **{name: "constexpr" for name, _ in launch.constexprs})
+    missing = [n for n in kernel_arg_names(launch.kernel) if n not in by_name]
+    if missing:
+        raise ValueError(f"{launch.name}: no value for the kernel parameters {missing}")
+    # Signature order = the kernel's parameter order (the compiler indexes attributes by position).
+    return tuple((n, by_name[n]) for n in kernel_arg_names(launch.kernel))
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_kernel(kernel, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int,
-                     enable_fp_fusion: bool, compute_capability: int):
-    """Compiles ``kernel`` to PTX with Triton and wraps it as a jaxlib ``TritonKernel`` (cached)."""
+def _compile(kernel, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int, enable_fp_fusion: bool,
+             compute_capability: int):
+    """Triton's compilation of ``kernel`` for one signature (PTX, TTIR and metadata), cached."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    gpu_triton = _gpu_triton()
-    sig = dict(signature)
     attrs = {(i,): [["tt.divisibility", POINTER_ALIGNMENT]] for i, (_, t) in enumerate(signature) if t.startswith("*")}
-    source = ASTSource(kernel, sig, constexprs=dict(constexprs), attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", compute_capability, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages, num_ctas=1,
-                                           enable_fp_fusion=enable_fp_fusion))
+    source = ASTSource(kernel, dict(signature), constexprs=dict(constexprs), attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", compute_capability, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages, num_ctas=1,
+                                       enable_fp_fusion=enable_fp_fusion))
+
+
+@functools.lru_cache(maxsize=None)
+def _jaxlib_kernel(kernel, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int,
+                   enable_fp_fusion: bool, compute_capability: int):
+    """The compiled kernel as a jaxlib ``TritonKernel`` (PTX; no TTIR: it would only enlarge every call's proto)."""
+    gpu_triton = _gpu_triton()
+    compiled = _compile(kernel, signature, constexprs, num_warps, num_stages, enable_fp_fusion, compute_capability)
     meta = compiled.metadata
     if getattr(meta, "profile_scratch_size", 0):
         raise RuntimeError(f"{meta.name}: kernels that need profiler scratch memory are not supported")
-    args = (meta.name, num_warps, 1, meta.shared, compiled.asm["ptx"], compiled.asm["ttir"], compute_capability)
+    args = (meta.name, num_warps, 1, meta.shared, compiled.asm["ptx"], "", compute_capability)
     scratch = getattr(meta, "global_scratch_size", 0)
     if scratch:
         # Only newer jaxlibs allocate global scratch for a kernel.
@@ -156,20 +181,10 @@ def _nbytes(output) -> int:
 def kernel_call_proto(launch: Launch, input_avals) -> bytes:
     """The zlib-compressed jaxlib kernel-call proto for ``launch`` with inputs of ``input_avals``."""
     gpu_triton = _gpu_triton()
-    names = launch.argument_names()
-    n_in = len(input_avals)
-    types = [f"*{triton_type(a.dtype)}" for a in input_avals]
-    types += ["i32"] * len(launch.scalars)
-    types += [f"*{triton_type(o.dtype)}" for o in launch.outputs]
-    by_name = dict(zip(names, types), **{name: "constexpr" for name, _ in launch.constexprs})
-    missing = [n for n in kernel_arg_names(launch.kernel) if n not in by_name]
-    if missing:
-        raise ValueError(f"{launch.name}: no value for the kernel parameters {missing}")
-    # Signature order = the kernel's parameter order (the compiler indexes attributes by position).
-    signature = tuple((n, by_name[n]) for n in kernel_arg_names(launch.kernel))
-    kernel = _compiled_kernel(launch.kernel, signature, launch.constexprs, launch.num_warps, launch.num_stages,
-                              launch.enable_fp_fusion, gpu_triton.get_compute_capability(0))
-    params = [gpu_triton.create_array_parameter(0, POINTER_ALIGNMENT) for _ in range(n_in)]
+    kernel = _jaxlib_kernel(launch.kernel, _signature(launch, input_avals, False), launch.constexprs,
+                            launch.num_warps, launch.num_stages, launch.enable_fp_fusion,
+                            gpu_triton.get_compute_capability(0))
+    params = [gpu_triton.create_array_parameter(0, POINTER_ALIGNMENT) for _ in input_avals]
     params += [gpu_triton.create_scalar_parameter(int(v), "i32") for _, v in launch.scalars]
     params += [gpu_triton.create_array_parameter(_nbytes(o) if o.zeroed else 0, POINTER_ALIGNMENT)
                for o in launch.outputs]
@@ -177,24 +192,58 @@ def kernel_call_proto(launch: Launch, input_avals) -> bytes:
     return zlib.compress(call.to_proto(launch.name, b""))
 
 
+def kernel_ttir(launch: Launch, input_avals) -> str:
+    """Triton IR of ``launch`` with its scalars baked in as constants (for XLA's own Triton pipeline)."""
+    constexprs = launch.constexprs + launch.scalars
+    compiled = _compile(launch.kernel, _signature(launch, input_avals, True), constexprs, launch.num_warps,
+                        launch.num_stages, launch.enable_fp_fusion, _gpu_triton().get_compute_capability(0))
+    return compiled.asm["ttir"]
+
+
 def _row_major(avals):
     return [list(reversed(range(len(a.shape)))) for a in avals]
+
+
+def _xla_triton_call(ctx, operands, launch, result_types):
+    """``__gpu$xla.gpu.triton``: XLA compiles the Triton IR itself and launches it as one of its own
+    kernels. It passes buffers only, so scalars are constants and zero-filled outputs are zero
+    constants aliased to them."""
+    from jax._src.lib.mlir import ir
+
+    zeroed = [i for i, o in enumerate(launch.outputs) if o.zeroed]
+    zeros = [mlir.ir_constant(np.zeros(ctx.avals_out[i].shape, ctx.avals_out[i].dtype)) for i in zeroed]
+    grid = launch.grid3
+    config = dict(name=ir.StringAttr.get(getattr(launch.kernel, "__name__", launch.kernel.fn.__name__)),
+                  ir=ir.StringAttr.get(kernel_ttir(launch, ctx.avals_in)),
+                  num_stages=mlir.i32_attr(launch.num_stages), num_warps=mlir.i32_attr(launch.num_warps),
+                  grid_x=mlir.i32_attr(grid[0]), grid_y=mlir.i32_attr(grid[1]), grid_z=mlir.i32_attr(grid[2]),
+                  debug=ir.BoolAttr.get(False))
+    n_in = len(operands)
+    avals = list(ctx.avals_in) + [ctx.avals_out[i] for i in zeroed]
+    return mlir_internal.custom_call(
+        XLA_TRITON_TARGET, result_types=result_types, operands=list(operands) + zeros, backend_config=config,
+        api_version=4, operand_layouts=_row_major(avals), result_layouts=_row_major(ctx.avals_out),
+        operand_output_aliases={n_in + k: i for k, i in enumerate(zeroed)}).results
 
 
 def _gpu_lowering(ctx, *operands, launch):
     from jax._src.lib.mlir import ir
 
-    opaque = kernel_call_proto(launch, ctx.avals_in)
     result_types = [ir.RankedTensorType.get(a.shape, mlir.dtype_to_ir_type(a.dtype)) for a in ctx.avals_out]
     target = custom_call_target()
+    if target == XLA_TRITON_TARGET:
+        return _xla_triton_call(ctx, operands, launch, result_types)
+    opaque = kernel_call_proto(launch, ctx.avals_in)
     if target == FFI_TARGET:
         config = dict(name=ir.StringAttr.get(launch.name), opaque=ir.StringAttr.get(opaque))
-        call = mlir_internal.custom_call(FFI_TARGET, result_types=result_types, operands=list(operands), backend_config=config,
-                                operand_layouts=_row_major(ctx.avals_in), result_layouts=_row_major(ctx.avals_out))
+        call = mlir_internal.custom_call(FFI_TARGET, result_types=result_types, operands=list(operands),
+                                         backend_config=config, operand_layouts=_row_major(ctx.avals_in),
+                                         result_layouts=_row_major(ctx.avals_out))
     else:
         call = mlir_internal.custom_call(LEGACY_TARGET, result_types=result_types, operands=list(operands),
-                                backend_config=opaque, api_version=2,
-                                operand_layouts=_row_major(ctx.avals_in), result_layouts=_row_major(ctx.avals_out))
+                                         backend_config=opaque, api_version=2,
+                                         operand_layouts=_row_major(ctx.avals_in),
+                                         result_layouts=_row_major(ctx.avals_out))
     return call.results
 
 
