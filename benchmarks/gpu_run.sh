@@ -19,7 +19,7 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || { tail "$OUT/pip.log"; exit 1; }
 mkdir -p /tmp/cache/triton /tmp/cache/jax
 [ -f .cache/kernels.tar.gz ] && tar xzf .cache/kernels.tar.gz -C /tmp/cache
-export TRITON_CACHE_DIR=/tmp/cache/triton JAX_COMPILATION_CACHE_DIR=/tmp/cache/jax
+export TRITON_CACHE_DIR=/tmp/cache/triton
 status=0
 for step in "$@"; do
   echo "=== $step $(date +%T)"
@@ -53,6 +53,6 @@ PY
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
-tar czf "$OUT/cache.tar.gz" -C /tmp/cache . 2>/dev/null
+tar czf "$OUT/cache.tar.gz" -C /tmp/cache triton 2>/dev/null  # JAX's cache is too large to bring back
 ls -la "$OUT"
 exit $status
