@@ -94,7 +94,9 @@ def bench_inference(results, shape, kinds, rows, path, deadline):
             baselines[("torch", m)] = torch_bf16_step_seconds(weights, shape, x)
         except Exception as err:  # noqa: BLE001 - the torch peer is optional
             print(f"torch baseline M={m} failed: {err!r}"[:400], flush=True)
-    for kind in kinds:
+    for spec in kinds:
+        # "kind@backend" forces a dispatch backend ("nf4@xla": the XLA path of the same model).
+        kind, _, backend = spec.partition("@")
         variables = ls.build_variables(kind, shape, weights=weights)
         model = ls.Decoder(shape, kind)
         for m in rows:
@@ -103,16 +105,17 @@ def bench_inference(results, shape, kinds, rows, path, deadline):
                 return
             x = _x(m, shape.hidden)
             try:
-                seconds, prof = time_step(model, variables, x)
+                with ops.use_backend(backend or "auto"):
+                    seconds, prof = time_step(model, variables, x)
             except Exception as err:  # noqa: BLE001 - recorded, the other points still run
-                results.setdefault("errors", []).append(dict(kind=kind, M=m, error=repr(err)[:1500]))
-                print(f"{kind} M={m}: FAILED {err!r}"[:1500], flush=True)
+                results.setdefault("errors", []).append(dict(kind=spec, M=m, error=repr(err)[:1500]))
+                print(f"{spec} M={m}: FAILED {err!r}"[:1500], flush=True)
                 continue
-            if kind == "bf16":
+            if spec == "bf16":
                 baselines[("xla", m)] = seconds
             base_name, base = min(((n, baselines[(n, m)]) for n in ("xla", "torch") if (n, m) in baselines),
                                   key=lambda nb: nb[1], default=("none", float("nan")))
-            row = dict(op="decoder_step", quant=kind, M=m, K=shape.hidden, N=shape.hidden, dtype="bfloat16",
+            row = dict(op="decoder_step", quant=spec, M=m, K=shape.hidden, N=shape.hidden, dtype="bfloat16",
                        layers=shape.layers, ours_us=seconds * 1e6, baseline=f"bf16_{base_name}",
                        baseline_us=base * 1e6, ratio=base / seconds, path=_paths_used(kind),
                        xla_bf16_us=baselines.get(("xla", m), float("nan")) * 1e6,
@@ -122,7 +125,7 @@ def bench_inference(results, shape, kinds, rows, path, deadline):
                        top_kernels=prof.get("top"))
             results["rows"].append(row)
             bench_env.save_results(results, path)
-            print(f"{kind:8s} M={m:4d}: {seconds*1e3:7.3f} ms  device {row['device_us'] or 0:9.1f} us  "
+            print(f"{spec:8s} M={m:4d}: {seconds*1e3:7.3f} ms  device {row['device_us'] or 0:9.1f} us  "
                   f"{row['baseline']} {base*1e3:7.3f} ms  ratio {row['ratio']:.2f}  path {row['path']}", flush=True)
         del variables
 

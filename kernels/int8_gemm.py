@@ -139,14 +139,19 @@ def gemm_config(M: int, N: int, K: int) -> dict:
     """Tile sizes, warps and pipeline depth for one problem size (chosen on an H100, see benchmarks/).
 
     Large problems take 128x256x128 tiles (int8 wgmma wants a deep K tile); small ones
-    smaller tiles so the grid still fills the 132 SMs.
+    smaller tiles so the grid still fills the 132 SMs. The M <= 16 tiles are a first guess for
+    the H200 decode path, not yet tuned.
     """
     if M >= 2048 and N >= 2048:
         cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
     elif M >= 128:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    elif M > 16:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+        # Decode: the weight stream is the whole cost. Narrow N tiles so even a 4096-wide layer
+        # has 128 programs (64x128 tiles left 100 of the 132 SMs idle), deep K steps for bytes in flight.
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
     return cfg
 
 

@@ -88,6 +88,20 @@ def test_gemm_vectorwise_matches_reference(M, N, K, with_bias):
     assert not np.isnan(got).any()
 
 
+@pytest.mark.parametrize("M", [1, 16, 17])
+def test_gemm_default_tiles_match_reference(M):
+    """The tiles gemm_config picks itself (decode: 16x32x256), K with a tail, N not a multiple of 32."""
+    rng = np.random.default_rng(M)
+    N, K = 70, 300
+    a, b = _int8(rng, (M, K)), _int8(rng, (N, K))
+    a_scale = rng.uniform(0.1, 3, M).astype(np.float32)
+    b_scale = rng.uniform(0.1, 3, N).astype(np.float32)
+    got = _gemm(a, b, a_scale, b_scale, config=None)
+    ref = np.asarray(int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(jnp.asarray(a), jnp.asarray(b)),
+                                              jnp.asarray(a_scale), jnp.asarray(b_scale), None))
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("out_dtype", ["float16", "bfloat16"])
 def test_gemm_global_scale_and_half_output(out_dtype):
     rng = np.random.default_rng(7)
