@@ -14,12 +14,13 @@ import numpy as np
 from qflax.quant.fourbit import Packed4bit
 
 
-# Where the fused kernels beat the XLA path (dequantize once, then cuBLAS), measured on an
-# H100. float16/bfloat16 (register-decode kernels, benchmarks/results/bench_4bit-H100-*.json):
-# faster at every measured M <= 256 on every benchmark shape. float32 (code-table kernels,
-# the first results file): at every measured M <= 32, and up to M = 256 for layers with
-# >= 8192 output features. Auto dispatch only picks the kernels inside these bounds.
-HALF_PRECISION_ROWS = 256
+# Where the fused kernels beat the XLA path (dequantize once, then cuBLAS). float16/bfloat16
+# (register-decode kernels): faster at every measured M <= 256 on every benchmark shape (H100,
+# benchmarks/results/bench_4bit-H100-*.json), and at M = 512 in the Llama-3-8B-shaped stack on
+# the H200 (26.6 ms against 40.3 ms, benchmarks/results/e2e_qlora_m512-NVIDIA-H200-2026-12-01.json).
+# float32 (code-table kernels, H100): at every measured M <= 32, and up to M = 256 for layers
+# with >= 8192 output features. Auto dispatch only picks the kernels inside these bounds.
+HALF_PRECISION_ROWS = 512
 SMALL_BATCH_ROWS = 32
 WIDE_LAYER_ROWS = 256
 WIDE_LAYER_OUT_FEATURES = 8192

@@ -105,8 +105,8 @@ def test_is_faster_follows_the_measured_row_bounds():
     q64 = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
     assert fourbit_kernels.is_faster(jnp.ones((4, 8, 256), jnp.float32), q64, "float32")  # 32 rows
     assert not fourbit_kernels.is_faster(jnp.ones((33, 256), jnp.float32), q64, "float32")
-    assert fourbit_kernels.is_faster(jnp.ones((256, 256), jnp.float16), q64, "float16")
-    assert not fourbit_kernels.is_faster(jnp.ones((257, 256), jnp.float16), q64, "float16")
+    assert fourbit_kernels.is_faster(jnp.ones((512, 256), jnp.float16), q64, "float16")
+    assert not fourbit_kernels.is_faster(jnp.ones((513, 256), jnp.float16), q64, "float16")
     wide = fourbit.quantize_4bit(jnp.ones((8192, 64), jnp.float32), blocksize=64)
     assert fourbit_kernels.is_faster(jnp.ones((256, 64), jnp.float32), wide, "float32")
     assert not fourbit_kernels.is_faster(jnp.ones((257, 64), jnp.float32), wide, "float32")
