@@ -1,4 +1,4 @@
-"""The 4-bit kernels launched through jax-triton on the GPU, vs the XLA reference (marker ``gpu``)."""
+"""The 4-bit kernels launched through qflax_kernels.triton_call on the GPU, vs the XLA reference (marker ``gpu``)."""
 
 import itertools
 

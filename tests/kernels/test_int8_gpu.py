@@ -1,4 +1,4 @@
-"""int8 kernels on the GPU (compiled Triton through jax-triton) vs the XLA references.
+"""int8 kernels on the GPU (compiled Triton through qflax_kernels.triton_call) vs the XLA references.
 
 Run on the GPU machine: ``pytest -m gpu tests/kernels/test_int8_gpu.py``. Kernel and reference
 quantize with the same rules, so outputs differ only by float rounding (and, rarely, one code
