@@ -97,9 +97,16 @@ def requested_backend(backend: Optional[str] = None) -> str:
     return _check_backend(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
+
+
 def kernel_runtime() -> Optional[str]:
     """Where the Triton kernels can run in this process: "gpu", "interpreter" or None."""
-    if importlib.util.find_spec("triton") is None:
+    if not _importable("triton"):
         return None
     import jax
 
@@ -107,7 +114,7 @@ def kernel_runtime() -> Optional[str]:
         from jax._src.lib import gpu_triton
 
         return "gpu" if getattr(gpu_triton, "TritonKernel", None) is not None else None
-    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("torch") is not None:
+    if os.environ.get("TRITON_INTERPRET") == "1" and _importable("torch"):
         return "interpreter"
     return None
 
