@@ -45,6 +45,8 @@ class Packed4bit:
       blocksize: static; elements per absmax block.
       quant_type: static; "nf4" or "fp4".
       nested_blocksize: static; block size of the nested statistics (256).
+      quant_storage: static; the dtype name a checkpoint stores the packed bytes as
+        (bitsandbytes' quant_storage, "uint8" by default); ``packed`` is always uint8 here.
     """
 
     packed: jax.Array
@@ -58,6 +60,7 @@ class Packed4bit:
     blocksize: int = struct.field(pytree_node=False, default=64)
     quant_type: str = struct.field(pytree_node=False, default="nf4")
     nested_blocksize: int = struct.field(pytree_node=False, default=NESTED_BLOCKSIZE)
+    quant_storage: str = struct.field(pytree_node=False, default="uint8")
 
     @property
     def nested(self) -> bool:
