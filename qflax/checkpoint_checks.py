@@ -66,7 +66,12 @@ def dtype_name(value: Any) -> str:
     if dtype is None:
         return np.asarray(value).dtype.name
     text = str(dtype)
-    return text[len("torch."):] if text.startswith("torch.") else np.dtype(dtype).name
+    if text.startswith("torch."):
+        return text[len("torch."):]
+    try:
+        return np.dtype(dtype).name
+    except TypeError:  # e.g. a JAX PRNG key dtype
+        return text
 
 
 def shape_of(value: Any) -> tuple:
@@ -123,6 +128,15 @@ def check_bias(bias: Any, out_features: int, key: str) -> None:
         raise CheckpointError(f"state dict entry {key!r} must have shape ({out_features},), got {shape_of(bias)}")
 
 
+def check_float_weight(weight: Any, key: str) -> None:
+    """Raises unless an unquantized ``weight`` entry is a 2-D float32/float16/bfloat16 array."""
+    if dtype_name(weight) not in validation.FLOAT_DTYPES or len(shape_of(weight)) != 2:
+        raise CheckpointTypeError(
+            f"state dict entry {key!r} must be a 2-D float32, float16 or bfloat16 weight (out, in) without SCB, "
+            f"got {dtype_name(weight)} {shape_of(weight)}"
+        )
+
+
 def check_unique_targets(pairs: Iterable[tuple[str, Any]], what: str) -> None:
     """Raises if two sources map to one target (e.g. two checkpoint names renamed to one module path)."""
     seen: dict = {}
@@ -164,7 +178,7 @@ def flat_shapes(tree: Any) -> dict[str, tuple]:
     def name(entry: Any) -> str:
         return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
 
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(name(e) for e in path): (shape_of(leaf), dtype_name(leaf)) for path, leaf in leaves}
 
 

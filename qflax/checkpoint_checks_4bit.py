@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
 
 from qflax.checkpoint_checks import (
@@ -310,3 +311,11 @@ def check_packed4bit(q: Any, where: str, values: bool = True) -> Layout4bit:
     return layout
 
 
+def check_packed4bit_leaves(tree: Any, where: str) -> None:
+    """:func:`check_packed4bit` on every :class:`~qflax.quant.Packed4bit` in a pytree (messages name its path)."""
+    from qflax.quant.fourbit import Packed4bit  # the container; the checks above only read its fields
+
+    is_packed = lambda x: isinstance(x, Packed4bit)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_packed)[0]:
+        if is_packed(leaf):
+            check_packed4bit(leaf, f"{where}/{jax.tree_util.keystr(path)}")
