@@ -99,8 +99,8 @@ def quantize_params_4bit(
 
     Raises:
       TypeError: ``params`` is not a mapping, or a weight to quantize is not a float array.
-      ValueError: bad ``quant_type``/``blocksize``, or a weight holds NaN/Inf (the message
-        names its path).
+      ValueError: bad ``quant_type``/``blocksize``. (NaN/Inf are values: their blocks decode to
+        NaN, see :mod:`qflax.quant.scaling`.)
 
     Example:
       >>> float_params = FloatMLP().init(key, x)["params"]        # nn.Dense(name="fc1"), ...
@@ -118,8 +118,6 @@ def quantize_params_4bit(
     for path, name, value in bar:
         where = "/".join(str(p) for p in path + (name,))
         value = validation.check_float_array(value, f"params/{where}")
-        if not bool(jnp.all(jnp.isfinite(value))):
-            raise ValueError(f"params/{where} contains NaN or Inf; quantization needs finite values")
         if _FLOAT_KINDS[name] == "dense":
             value, nested = value.T, compress_statistics  # Flax (in, out) -> bitsandbytes (out, in)
         else:

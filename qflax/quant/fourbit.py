@@ -8,10 +8,12 @@ raises instead). With ``compress_statistics=True`` the absmax vector is itself q
 to 8 bits (double quantization): ``absmax - mean(absmax)`` in blocks of 256 with the
 dynamic map.
 
-Non-finite input: an eager call raises ValueError. Under ``jax.jit`` (no check possible)
-a NaN/Inf makes its own block decode to NaN/Inf and leaves every other block intact; with
-double quantization the statistics of the non-finite block are excluded from the shared
-offset, so other blocks stay exact too, and the bad block decodes to garbage.
+Non-finite and extreme input (:mod:`qflax.quant.scaling`), the same eagerly and under
+``jax.jit``: a block holding a NaN or +-Inf gets a NaN absmax and the code of zero, so it
+decodes to NaN throughout while every other block is unchanged; with double quantization the
+NaN reaches the nested absmax of its group of 256 blocks (which all decode to NaN) and the
+shared offset is the mean of the finite absmax values. Blocks are scaled exactly up to
+float32's maximum.
 """
 
 import functools
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qflax.quant import blockwise, codebooks, packing, validation
+from qflax.quant import blockwise, codebooks, packing, scaling, validation
 
 NESTED_BLOCKSIZE = 256
 # The code whose table value is exactly 0.0.
@@ -117,8 +119,8 @@ def quantize_4bit(
 
     Raises:
       TypeError: ``x`` is not a float array.
-      ValueError: bad ``blocksize``/``quant_type``, empty ``x``, or non-finite ``x``
-        (eager calls only).
+      ValueError: bad ``blocksize``/``quant_type`` or empty ``x`` (values never raise: see the
+        module docstring for NaN/Inf).
 
     Example:
       >>> q = quantize_4bit(jnp.ones((64, 64)), quant_type="nf4")
@@ -127,7 +129,6 @@ def quantize_4bit(
     """
     _validate(blocksize, quant_type)
     x = validation.check_float_array(x)
-    validation.check_finite_if_concrete(x)
     return _quantize_4bit(x, blocksize, quant_type, bool(compress_statistics))
 
 
@@ -137,15 +138,16 @@ def quantize_4bit(
 def _quantize_4bit(x: jax.Array, blocksize: int, quant_type: str, compress_statistics: bool) -> Packed4bit:
     n = x.size
     blocks = blockwise.pad_to_blocks(x.reshape(-1).astype(jnp.float32), blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    absmax = scaling.absmax(blocks, axis=1)
     # Reciprocal first, then multiply: the CUDA kernel's order, needed for identical codes.
-    scaled = blocks * (jnp.float32(1) / absmax)[:, None]
+    scaled = scaling.scale_by_reciprocal(blocks, absmax[:, None])
     codes = encode_nf4(scaled) if quant_type == "nf4" else encode_fp4(scaled)
     # An all-zero block gets the code of 0.0 (NF4 7, FP4 0), so it decodes to exact zeros even
     # when its absmax comes back from double quantization slightly off zero. (bitsandbytes'
-    # CUDA kernel computes 0 * inf = NaN there and emits code 0, which is -1.0 in NF4.)
+    # CUDA kernel computes 0 * inf = NaN there and emits code 0, which is -1.0 in NF4.) A
+    # non-finite block (NaN absmax) gets it too, and decodes to 0 * NaN = NaN.
     zero_code = jnp.uint8(ZERO_CODE[quant_type])
-    codes = jnp.where((absmax == 0)[:, None], zero_code, codes)
+    codes = jnp.where(scaling.usable(absmax)[:, None], codes, zero_code)
     codes = codes.reshape(-1)[: n + n % 2]
     packed = packing.pack_nibbles(codes).reshape(-1, 1)
     common = dict(
@@ -166,12 +168,16 @@ def _double_quantize(absmax: jax.Array) -> dict:
     finite = jnp.isfinite(absmax)
     count = jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32)
     kept = jnp.where(finite, absmax, 0)
+    # Huge statistics are summed at 2**-64 of their size (exact), so the sum cannot overflow.
+    factor = jnp.where(jnp.max(kept, initial=np.float32(0)) > np.float32(2.0**100), np.float32(2.0**-64), 1)
+    kept = kept * factor.astype(jnp.float32)
     # Two-pass mean (the second pass sums the residuals), so the float32 offset is correctly
     # rounded in practice whatever order the backend sums in.
     rough = jnp.sum(kept) / count
-    offset = rough + jnp.sum(jnp.where(finite, kept - rough, 0)) / count
+    offset = (rough + jnp.sum(jnp.where(finite, kept - rough, 0)) / count) / factor.astype(jnp.float32)
     nested_map = jnp.asarray(codebooks.DYNAMIC_MAP)
-    centred = jnp.where(finite, absmax - offset, 0)
+    # A non-finite block keeps its NaN, which makes its group's nested absmax NaN.
+    centred = jnp.where(finite, absmax - offset, jnp.float32(jnp.nan))
     codes, nested_absmax = blockwise.quantize_flat(centred, nested_map, NESTED_BLOCKSIZE)
     return dict(
         absmax=codes,

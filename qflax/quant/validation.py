@@ -34,18 +34,6 @@ def check_float_array(x: Any, name: str = "x") -> jax.Array:
     return x
 
 
-def check_finite_if_concrete(x: jax.Array, name: str = "x") -> None:
-    """Raises ValueError if a concrete (not traced) ``x`` holds NaN or Inf.
-
-    Under ``jax.jit`` the values are unknown at trace time, so no check is made; the
-    quantizers then confine a non-finite value to its own block (see fourbit.py).
-    """
-    if isinstance(x, jax.core.Tracer):
-        return
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError(f"{name} contains NaN or Inf; quantization needs finite values")
-
-
 def check_choice(value: Any, allowed: tuple, name: str) -> None:
     """Raises ValueError unless ``value`` is one of ``allowed``."""
     if isinstance(value, bool) or value not in allowed:
