@@ -42,6 +42,14 @@ class Int8Rows:
     scale: jax.Array
 
 
+def _check_rows(x) -> jax.Array:
+    """A float array of at least one dimension; zero rows are fine (their results are empty)."""
+    x = validation.check_float_array(x, allow_empty=True)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension (rows, cols), got a scalar")
+    return x
+
+
 def _check_threshold(threshold: float) -> None:
     if not np.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
@@ -105,7 +113,7 @@ def int8_vectorwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
       ``(codes, row_stats, outlier_mask)``: int8 ``(rows, cols)``, float32 ``(rows,)`` and
       bool ``(cols,)``.
     """
-    x = validation.check_float_array(x)
+    x = _check_rows(x)
     _check_threshold(threshold)
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     mask = outlier_mask(x2, threshold)
@@ -142,7 +150,7 @@ def int8_columnwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
     Returns:
       ``(codes, col_stats)``: int8 ``(rows, cols)`` and float32 ``(cols,)``.
     """
-    x = validation.check_float_array(x)
+    x = _check_rows(x)
     _check_threshold(threshold)
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if threshold > 0:

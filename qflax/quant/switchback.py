@@ -21,7 +21,7 @@ def _codes(x: jax.Array, absmax: jax.Array) -> jax.Array:
 
 
 def _as_2d(x: jax.Array, name: str = "x") -> jax.Array:
-    x = validation.check_float_array(x, name)
+    x = validation.check_float_array(x, name, allow_empty=True)  # zero rows give empty codes
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
     return x.astype(jnp.float32)
@@ -43,7 +43,7 @@ def quantize_columnwise_and_transpose(x: jax.Array) -> tuple[jax.Array, jax.Arra
 
 def quantize_global(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """int8 codes of ``x`` (any shape) with one tensor-wide absmax, returned as float32 ``(1,)``."""
-    x = validation.check_float_array(x).astype(jnp.float32)
+    x = validation.check_float_array(x, allow_empty=True).astype(jnp.float32)
     absmax = scaling.absmax(x, axis=None).reshape(1)
     return _codes(x, absmax[0]), absmax
 
