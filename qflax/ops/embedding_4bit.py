@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from qflax.ops import dispatch, embedding_ids
 from qflax.quant import packing
-from qflax.quant.fourbit import Packed4bit, dequantize_4bit, dequantize_absmax
+from qflax.quant.fourbit import Packed4bit, check_structure, dequantize_4bit, dequantize_absmax
 
 OP_NAME = "embed_4bit"
 
@@ -58,8 +58,7 @@ def embed_4bit(ids: jax.Array, q: Packed4bit, backend: Optional[str] = None) -> 
       TypeError: ``ids`` is not an integer array or ``q`` is not a Packed4bit.
       ValueError: ``q`` is not 2-D.
     """
-    if not isinstance(q, Packed4bit):
-        raise TypeError(f"q must be a qflax.quant.Packed4bit, got {type(q).__name__}")
+    check_structure(q, "q")
     if len(q.shape) != 2:
         raise ValueError(f"q must hold a 2-D (num_embeddings, features) table, got shape {q.shape}")
     num_embeddings, features = q.shape

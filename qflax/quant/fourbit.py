@@ -207,7 +207,6 @@ def unpack_codes(q: Packed4bit) -> jax.Array:
     return packing.unpack_nibbles(q.packed)[: q.size]
 
 
-@jax.jit
 def dequantize_4bit(q: Packed4bit) -> jax.Array:
     """Reconstructs the tensor of a :class:`Packed4bit` in its original shape and dtype.
 
@@ -219,7 +218,28 @@ def dequantize_4bit(q: Packed4bit) -> jax.Array:
 
     Returns:
       Array of shape ``q.shape`` and dtype ``q.dtype``.
+
+    Raises:
+      TypeError: ``q`` is not a Packed4bit.
+      ValueError: its arrays do not match its shape, blocksize or quant type (e.g. an absmax
+        of the wrong length), or a static field is out of range.
     """
+    check_structure(q, "q")
+    return _dequantize_4bit(q)
+
+
+def check_structure(q: Packed4bit, name: str) -> Packed4bit:
+    """Raises unless ``q`` is a Packed4bit whose arrays fit its static fields (dtypes and shapes only)."""
+    from qflax import checkpoint_checks_4bit  # imports qflax.quant itself: imported when first needed
+
+    if not isinstance(q, Packed4bit):
+        raise TypeError(f"{name} must be a qflax.quant.Packed4bit, got {type(q).__name__}")
+    checkpoint_checks_4bit.check_packed4bit(q, name, values=False)
+    return q
+
+
+@jax.jit
+def _dequantize_4bit(q: Packed4bit) -> jax.Array:
     values = jnp.take(q.quant_map.astype(jnp.float32), unpack_codes(q).astype(jnp.int32))
     blocks = blockwise.pad_to_blocks(values, q.blocksize) * dequantize_absmax(q)[:, None]
     return blocks.reshape(-1)[: q.size].astype(q.dtype).reshape(q.shape)

@@ -35,7 +35,16 @@ def check_float_array(x: Any, name: str = "x", allow_empty: bool = False) -> jax
     return x
 
 
+def _same_kind(value: Any, example: Any) -> bool:
+    # 64.0 == 64 and True == 1 in Python: a block size must really be an integer, a name a string.
+    if isinstance(example, str):
+        return isinstance(value, str)
+    if isinstance(example, int):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    return True
+
+
 def check_choice(value: Any, allowed: tuple, name: str) -> None:
-    """Raises ValueError unless ``value`` is one of ``allowed``."""
-    if isinstance(value, bool) or value not in allowed:
+    """Raises ValueError unless ``value`` is one of ``allowed`` (and of the same kind: 64.0 is not 64)."""
+    if not any(_same_kind(value, a) and value == a for a in allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
