@@ -234,7 +234,7 @@ def check_4bit_entries(
                 f"{prefix}: entries {[entry_key(prefix, s) for s in extra]} belong to a double-quantized weight, but "
                 "the quant state has no nested_offset"
             )
-    check_known(stats, allowed, prefix)
+    check_known([entry_key(prefix, k) for k in stats], [entry_key(prefix, k) for k in allowed], prefix)
     if packed is not None:
         check_packed(packed, layout, prefix)
     key = lambda s: entry_key(prefix, s)  # noqa: E731

@@ -16,6 +16,17 @@ from qflax import checkpoint_checks_4bit as checks_4bit
 from torch_compat.nn.params import Int8Params, Params4bit
 
 
+def _other_size_mismatches(module: torch.nn.Module, state_dict, prefix: str) -> list[str]:
+    """torch's size-mismatch messages for the module's parameters other than ``weight``."""
+    problems = []
+    for name, param in module._parameters.items():
+        key = f"{prefix}{name}"
+        if name != "weight" and param is not None and key in state_dict and state_dict[key].shape != param.shape:
+            problems.append(f"size mismatch for {key}: copying a param with shape {state_dict[key].shape} from "
+                            f"checkpoint, the shape in current model is {param.shape}.")
+    return problems
+
+
 class FourBitCheckpoint:
     """Adds 4-bit saving/loading to a module whose ``weight`` is a :class:`Params4bit`."""
 
@@ -45,6 +56,14 @@ class FourBitCheckpoint:
                               error_msgs):
         weight_key = f"{prefix}weight"
         stats = {k[len(weight_key) + 1:]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
+        # Nothing of this module changes unless all of its entries fit (torch would copy the bias
+        # first and then fail on it, leaving a new weight with the old bias).
+        problems = _other_size_mismatches(self, state_dict, prefix)
+        if stats and weight_key not in state_dict:
+            problems.append(f"{weight_key!r}: the checkpoint holds 4-bit statistics {sorted(stats)} but no packed weight")
+        if problems:
+            error_msgs.extend(problems)
+            return
         if weight_key in state_dict and stats:
             # A packed checkpoint: rebuild the parameter from it, so the base loader copies bytes into
             # a parameter of the right shape.
@@ -119,6 +138,10 @@ class Int8Checkpoint:
             # An int8 checkpoint: weight int8 (out, in) and SCB float32 (out,), checked before anything changes.
             checks.check_int8_entries(incoming, checks.require(state_dict, scale_key), prefix,
                                       tuple(self.weight.shape))
+        problems = _other_size_mismatches(self, state_dict, prefix)
+        if problems:
+            error_msgs.extend(problems)
+            return
         if incoming is not None and incoming.dtype == torch.int8 and self.weight.dtype != torch.int8:
             # Fresh module, quantized checkpoint: take the int8 data as is.
             self.weight.data = torch.empty_like(incoming, device=self.weight.device)
