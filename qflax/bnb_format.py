@@ -97,7 +97,9 @@ def read_quant_state(d: Mapping[str, Any], prefix: str) -> tuple[str, checks_4bi
     key = state_keys[0]
     quant_type = key[len(f"{prefix}.{QUANT_STATE_KEY}") :]
     if quant_type not in codebooks.QUANT_TYPES:
-        raise checks.CheckpointError(f"quant_type in key {key!r} must be one of {codebooks.QUANT_TYPES}, got {quant_type!r}")
+        raise checks.CheckpointError(
+            f"quant_type in key {key!r} must be one of {codebooks.QUANT_TYPES}, got {quant_type!r}"
+        )
     return key, checks_4bit.parse_quant_state(d[key], key, quant_type)[1]
 
 

@@ -2,9 +2,9 @@
 
 Rounding is round-half-to-even of ``x * (127 * (1 / absmax))`` computed in float32, as
 bitsandbytes' CUDA and CPU kernels do (see :func:`llm_int8_codes`). An all-zero row (or
-column) has scale 0 and codes 0, never NaN. Outliers are reported as a boolean column mask, because a data-dependent list
-of indices has no static shape under ``jax.jit``; ``outlier_columns`` turns a concrete
-mask into bitsandbytes' sorted index list.
+column) has scale 0 and codes 0, never NaN. Outliers are reported as a boolean column mask,
+because a data-dependent list of indices has no static shape under ``jax.jit``;
+``outlier_columns`` turns a concrete mask into bitsandbytes' sorted index list.
 
 Non-finite and extreme values (:mod:`qflax.quant.scaling`), the same eagerly and under jit:
 a row (column) holding NaN or +-Inf gets scale NaN and codes 0, so its products are NaN; with
@@ -160,7 +160,7 @@ def int8_columnwise_quant(x: jax.Array, threshold: float = 0.0) -> tuple[jax.Arr
 
 
 def int8_vectorwise_dequant(codes: jax.Array, stats: jax.Array) -> jax.Array:
-    """float32 ``codes * stats[:, None] / 127`` (bitsandbytes' order; huge rows scale first, so 127 * stats cannot overflow)."""
+    """float32 ``codes * stats[:, None] / 127``: bitsandbytes' order, but huge rows scale first (no overflow)."""
     codes, stats = codes.astype(jnp.float32), stats.astype(jnp.float32)[:, None]
     return jnp.where(stats > _HUGE, codes * (stats * INV_127), codes * stats * INV_127)
 

@@ -60,7 +60,9 @@ class FourBitCheckpoint:
         # first and then fail on it, leaving a new weight with the old bias).
         problems = _other_size_mismatches(self, state_dict, prefix)
         if stats and weight_key not in state_dict:
-            problems.append(f"{weight_key!r}: the checkpoint holds 4-bit statistics {sorted(stats)} but no packed weight")
+            problems.append(
+                f"{weight_key!r}: the checkpoint holds 4-bit statistics {sorted(stats)} but no packed weight"
+            )
         if problems:
             error_msgs.extend(problems)
             return
