@@ -1,0 +1,79 @@
+"""The weights of the torch_compat layers as the Triton kernels read them, built once per module.
+
+The 4-bit kernels read bitsandbytes' layout directly, so the kernel's view of a ``Params4bit``
+is the packed bytes flattened (a view of the parameter, whatever its quant_storage dtype) and
+the QuantState's tensors as contiguous float32 (the absmax stays uint8 codes under double
+quantization; the offset becomes a (1,) tensor). For a bitsandbytes weight every piece is a
+view or the state's own tensor: nothing is copied, and in-place writes (``load_state_dict``'s
+``copy_``) show through. Converting dtypes or devices copies once.
+
+Eagerly the views are cached per module in a :class:`~torch_compat.bridge.WeightCache` (rebuilt
+when the parameter or a state tensor is replaced or written in place), which saves their
+Python cost on every call. Under torch.compile they are taken from the live parameter as traced
+tensor ops, which cost nothing in the compiled graph and never go stale. The parameter itself
+is untouched, so ``state_dict()`` keeps bitsandbytes' bytes.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from torch_compat import bridge
+
+
+class FourBitWeight(NamedTuple):
+    """The kernel inputs of one 4-bit weight (``qflax_kernels.fourbit_launch.weight_inputs`` order)."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    quant_map: torch.Tensor
+    nested_map: Optional[torch.Tensor]
+    nested_absmax: Optional[torch.Tensor]
+    nested_offset: Optional[torch.Tensor]
+
+
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.float32).contiguous()
+
+
+def fourbit_views(weight: torch.Tensor, state) -> FourBitWeight:
+    """The kernel inputs of a packed 4-bit ``weight`` and its QuantState, on the weight's device.
+
+    Args:
+      weight: the packed parameter, ``(bytes // itemsize, 1)`` of any quant_storage dtype.
+      state: its :class:`~torch_compat.quant_state.QuantState`.
+
+    Returns:
+      A :class:`FourBitWeight` (views where the dtypes already match).
+    """
+    device = weight.device
+    packed = weight.detach().contiguous().view(torch.uint8).reshape(-1)
+    if not state.nested:
+        return FourBitWeight(packed, _f32(state.absmax, device), _f32(state.code, device), None, None, None)
+    # Double quantization: the absmax stays uint8 codes, decoded inside the kernel.
+    absmax = state.absmax.to(device=device, dtype=torch.uint8).contiguous()
+    return FourBitWeight(packed, absmax, _f32(state.code, device), _f32(state.state2.code, device),
+                         _f32(state.state2.absmax, device), _f32(state.offset, device).reshape(1))
+
+
+def fourbit_weight(layer) -> FourBitWeight:
+    """The kernel inputs of ``layer.weight`` (a quantized Params4bit), cached on the layer when eager."""
+    weight = layer.weight
+    state = weight.quant_state
+    if torch.compiler.is_compiling():
+        return fourbit_views(weight, state)
+    cache = layer.__dict__.get("_kernel_weight")
+    if cache is None:
+        cache = layer.__dict__["_kernel_weight"] = bridge.WeightCache()
+    return cache.get([weight, *state.tensors()], lambda: fourbit_views(weight, state))
+
+
+def int8_weight(layer, codes: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """``(codes, float32 scale)`` of a frozen int8 layer as the kernels take them, cached on the layer when eager."""
+    build = lambda: (codes.detach().contiguous(), _f32(scale, codes.device))  # noqa: E731
+    if torch.compiler.is_compiling():
+        return build()
+    cache = layer.__dict__.get("_kernel_weight")
+    if cache is None:
+        cache = layer.__dict__["_kernel_weight"] = bridge.WeightCache()
+    return cache.get([codes, scale], build)
