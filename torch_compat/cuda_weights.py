@@ -12,6 +12,12 @@ when the parameter or a state tensor is replaced or written in place), which sav
 Python cost on every call. Under torch.compile they are taken from the live parameter as traced
 tensor ops, which cost nothing in the compiled graph and never go stale. The parameter itself
 is untouched, so ``state_dict()`` keeps bitsandbytes' bytes.
+
+CUDA graphs (torch.compile's "reduce-overhead") copy every graph input that is not a parameter
+or buffer into graph-owned memory before each replay. The statistics live in the QuantState (or
+``state.SCB``), not in parameters, so the first eager call marks those CUDA tensors with
+``torch._dynamo.mark_static_address`` (guarded: replacing one recompiles) and replays read them
+in place. A model compiled before any eager call still computes correctly, with those copies.
 """
 
 from typing import NamedTuple, Optional
@@ -56,16 +62,31 @@ def fourbit_views(weight: torch.Tensor, state) -> FourBitWeight:
                          _f32(state.state2.absmax, device), _f32(state.offset, device).reshape(1))
 
 
+def _mark_static(tensors) -> None:
+    for t in tensors:
+        if t is not None and t.is_cuda and not isinstance(t, torch.nn.Parameter):
+            torch._dynamo.mark_static_address(t, guard=True)
+
+
+def _cached(layer, sources: list, build):
+    cache = layer.__dict__.get("_kernel_weight")
+    if cache is None:
+        cache = layer.__dict__["_kernel_weight"] = bridge.WeightCache()
+
+    def build_and_mark():
+        _mark_static(sources)
+        return build()
+
+    return cache.get(sources, build_and_mark)
+
+
 def fourbit_weight(layer) -> FourBitWeight:
     """The kernel inputs of ``layer.weight`` (a quantized Params4bit), cached on the layer when eager."""
     weight = layer.weight
     state = weight.quant_state
     if torch.compiler.is_compiling():
         return fourbit_views(weight, state)
-    cache = layer.__dict__.get("_kernel_weight")
-    if cache is None:
-        cache = layer.__dict__["_kernel_weight"] = bridge.WeightCache()
-    return cache.get([weight, *state.tensors()], lambda: fourbit_views(weight, state))
+    return _cached(layer, [weight, *state.tensors()], lambda: fourbit_views(weight, state))
 
 
 def int8_weight(layer, codes: torch.Tensor, scale: torch.Tensor) -> tuple:
@@ -73,7 +94,4 @@ def int8_weight(layer, codes: torch.Tensor, scale: torch.Tensor) -> tuple:
     build = lambda: (codes.detach().contiguous(), _f32(scale, codes.device))  # noqa: E731
     if torch.compiler.is_compiling():
         return build()
-    cache = layer.__dict__.get("_kernel_weight")
-    if cache is None:
-        cache = layer.__dict__["_kernel_weight"] = bridge.WeightCache()
-    return cache.get([codes, scale], build)
+    return _cached(layer, [codes, scale], build)

@@ -55,6 +55,7 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor, ne
     Returns:
       (M, out_features) of x's dtype.
     """
+    x = x.contiguous()  # a no-op for the callers; a compiler may hand over other strides
     m, k = x.shape
     if m == 0:
         return x.new_empty((0, out_features))
@@ -86,6 +87,7 @@ def grad_input_4bit(g: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor
     Returns:
       (M, in_features) of g's dtype.
     """
+    g = g.contiguous()
     m, n = g.shape
     if m == 0:
         return g.new_empty((0, in_features))

@@ -5,7 +5,7 @@ of ``qflax_kernels.int8_specs``: the fused row quantizer (bitsandbytes' ``127 * 
 scale, outlier elements out of the row absmax, outlier columns' codes zeroed), then the int8 GEMM
 whose epilogue dequantizes, adds the outlier columns' float product (the int8 weight columns
 dequantized in the kernel) and the bias. The outlier columns are found on the device: their
-indices are the first ``count`` entries of a stable sort of the column mask, so nothing is read
+indices are the first ``count`` entries of a stable partition of the columns, so nothing is read
 on the host and every shape is static (torch.compile and CUDA graphs take the ops as they are).
 
 Backward passes follow ``qflax.ops.int8_matmul``: the input gradient ``G @ dequant(W)`` in x's
@@ -41,6 +41,7 @@ def _gemm_launch(m: int, n: int, k: int, out_dtype: str, has_bias: bool, b_scale
 
 def _quantize_rows(x2: Tensor, threshold: float = 0.0, col_mask: Optional[Tensor] = None) -> tuple:
     # Without outliers the mask pointer is never read: x2 stands in for it.
+    x2 = x2.contiguous()
     launch = _rows_launch(x2.shape[0], x2.shape[1], float(threshold))
     codes, absmax = kernel_launch.run(launch, [x2, x2 if col_mask is None else col_mask])
     return codes, absmax
@@ -48,6 +49,7 @@ def _quantize_rows(x2: Tensor, threshold: float = 0.0, col_mask: Optional[Tensor
 
 def _llm_int8(x2: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     """The LLM.int8 product of a contiguous 2-D ``x2 (M, K)``, (M, N) in x2's dtype (bias included)."""
+    x2, w_codes = x2.contiguous(), w_codes.contiguous()  # no-ops for the callers; a compiler may pass other strides
     m, k = x2.shape
     n = w_codes.shape[0]
     if m == 0:
@@ -61,15 +63,27 @@ def _llm_int8(x2: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Optional[Tenso
         # The column mask as qflax.quant.int8.outlier_mask: any |x| >= threshold, compared in float32.
         mask = x2.abs().amax(0).float() >= threshold
         codes, absmax = _quantize_rows(x2, threshold, mask.to(torch.int8))
-        # Outlier columns first, in increasing order (the order the JAX path's nonzero gives).
-        idx = torch.sort((~mask).to(torch.uint8), stable=True).indices.to(torch.int32)
-        count = mask.sum(dtype=torch.int32).reshape(1)
+        idx, count = _outliers_first(mask)
         outlier_inputs = [x2, idx, count]
     launch = _gemm_launch(m, n, k, kernel_launch.dtype_name(x2.dtype), bias is not None, False, threshold != 0,
                           threshold != 0 and x2.dtype == torch.float32)
     inputs = [codes, w_codes, absmax, w_scale, unread if bias is None else bias, *outlier_inputs, unread]
     (out,) = kernel_launch.run(launch, inputs)
     return out
+
+
+def _outliers_first(mask: Tensor) -> tuple:
+    """int32 column indices with the outlier columns first, both parts in increasing order, and the count (1,).
+
+    A stable partition computed with scans and one scatter of a permutation: no host read, no
+    dynamic shape, deterministic. The first ``count`` entries are what the JAX path's
+    ``nonzero`` gives; the kernel reads no further.
+    """
+    flags = mask.to(torch.int32)
+    count = flags.sum(dtype=torch.int32).reshape(1)
+    slot = torch.where(mask, torch.cumsum(flags, 0) - 1, torch.cumsum(1 - flags, 0) - 1 + count)
+    columns = torch.arange(mask.shape[0], dtype=torch.int32, device=mask.device)
+    return torch.empty_like(columns).scatter_(0, slot, columns), count
 
 
 def _dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
