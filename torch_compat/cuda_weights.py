@@ -7,9 +7,9 @@ quantization; the offset becomes a (1,) tensor). For a bitsandbytes weight every
 view or the state's own tensor: nothing is copied, and in-place writes (``load_state_dict``'s
 ``copy_``) show through. Converting dtypes or devices copies once.
 
-Eagerly the views are cached per module in a :class:`~torch_compat.bridge.WeightCache` (rebuilt
-when the parameter or a state tensor is replaced or written in place), which saves their
-Python cost on every call. Under torch.compile they are taken from the live parameter as traced
+Eagerly the views are cached per module (:class:`KernelWeightCache`: rebuilt when the parameter
+or a state tensor is replaced, and, where a piece had to be copied, when its source is written in
+place), which saves their Python cost on every call. Under torch.compile they are taken from the live parameter as traced
 tensor ops, which cost nothing in the compiled graph and never go stale. The parameter itself
 is untouched, so ``state_dict()`` keeps bitsandbytes' bytes.
 
@@ -20,11 +20,9 @@ or buffer into graph-owned memory before each replay. The statistics live in the
 in place. A model compiled before any eager call still computes correctly, with those copies.
 """
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
-
-from torch_compat import bridge
 
 
 class FourBitWeight(NamedTuple):
@@ -62,6 +60,56 @@ def fourbit_views(weight: torch.Tensor, state) -> FourBitWeight:
                          _f32(state.state2.absmax, device), _f32(state.offset, device).reshape(1))
 
 
+class KernelWeightCache:
+    """Kernel views of some source tensors, kept until a source is replaced (or, if copied, written).
+
+    Identity checks alone suffice while every view shares memory with its source: an in-place
+    write shows through the view. Only when the build copied something (another dtype or
+    device) are the sources' ``_version`` counters compared as well, as
+    :class:`torch_compat.bridge.WeightCache` does. The sources are kept alive, so a freed
+    tensor's identity is never mistaken for a live one. Dropped by copy and deepcopy.
+    """
+
+    def __init__(self):
+        self._sources: tuple = ()
+        self._versions = None
+        self._value = None
+
+    def get(self, sources: Sequence[Optional[torch.Tensor]], build: Callable[[], tuple]) -> tuple:
+        """The views of ``sources``, from ``build()`` when they changed."""
+        if (self._value is None or len(sources) != len(self._sources)
+                or any(a is not b for a, b in zip(sources, self._sources))
+                or (self._versions is not None and self._versions != _versions(sources))):
+            value = build()
+            sources = tuple(sources)
+            storages = {_storage(t) for t in sources if t is not None}
+            aliased = all(v is None or _storage(v) in storages for v in value)
+            self._sources, self._value = sources, value
+            self._versions = None if aliased else _versions(sources)
+        return self._value
+
+    def __deepcopy__(self, memo):
+        return KernelWeightCache()
+
+    def __copy__(self):
+        return KernelWeightCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def _versions(sources) -> list:
+    return [None if t is None else t._version for t in sources]
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    # Views share their source's storage (a view's own data_ptr may sit at an offset into it).
+    return t.device, t.untyped_storage().data_ptr()
+
+
 def _mark_static(tensors) -> None:
     for t in tensors:
         if t is not None and t.is_cuda and not isinstance(t, torch.nn.Parameter):
@@ -71,7 +119,7 @@ def _mark_static(tensors) -> None:
 def _cached(layer, sources: list, build):
     cache = layer.__dict__.get("_kernel_weight")
     if cache is None:
-        cache = layer.__dict__["_kernel_weight"] = bridge.WeightCache()
+        cache = layer.__dict__["_kernel_weight"] = KernelWeightCache()
 
     def build_and_mark():
         _mark_static(sources)

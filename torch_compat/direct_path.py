@@ -66,9 +66,14 @@ def _requested_backend() -> str:
     return dispatch.requested_backend()
 
 
+@functools.lru_cache(maxsize=None)
+def _device_supported_cached(device_type: str, index: int, dtype_name: str) -> bool:
+    return kernel_launch.device_supported(torch.device(device_type, None if index < 0 else index), dtype_name)
+
+
 @torch.compiler.assume_constant_result
 def _device_supported(device_type: str, index: int, dtype_name: str) -> bool:
-    return kernel_launch.device_supported(torch.device(device_type, None if index < 0 else index), dtype_name)
+    return _device_supported_cached(device_type, index, dtype_name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,12 +96,20 @@ def fourbit_unsupported(n: int, k: int, blocksize: int, dtype_name: str, quant_m
 
 @torch.compiler.assume_constant_result
 def fourbit_max_rows(n: int, dtype_name: str) -> int:
-    return fourbit_kernels.max_kernel_rows(n, dtype_name)
+    return _fourbit_max_rows(n, dtype_name)
+
+
+_fourbit_max_rows = functools.lru_cache(maxsize=None)(fourbit_kernels.max_kernel_rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _int8_reason(dtype_name: str, in_features: int, out_features: int) -> Optional[str]:
+    return int8_kernels.unsupported_reason(dtype_name, in_features, out_features)
 
 
 @torch.compiler.assume_constant_result
 def int8_unsupported(dtype_name: str, in_features: int, out_features: int) -> bool:
-    return int8_kernels.unsupported_reason(dtype_name, in_features, out_features) is not None
+    return _int8_reason(dtype_name, in_features, out_features) is not None
 
 
 def _record(op: str, path: str) -> None:

@@ -35,8 +35,7 @@ def _grad_input_launch(m: int, n: int, k: int, blocksize: int, dtype: str, neste
     return fourbit_launch.grad_input_launch(m, n, k, blocksize, g_dtype=dtype, nested=nested)
 
 
-@torch.library.custom_op("qflax::matmul_4bit", mutates_args=())
-def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor, nested_map: Optional[Tensor],
+def matmul_4bit_body(x: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor, nested_map: Optional[Tensor],
                 nested_absmax: Optional[Tensor], nested_offset: Optional[Tensor], bias: Optional[Tensor],
                 out_features: int, blocksize: int) -> Tensor:
     """``x @ W.T (+ bias)`` for a 2-D contiguous ``x (M, K)``, computed and returned in x's dtype.
@@ -66,14 +65,16 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor, ne
     return out
 
 
+matmul_4bit = torch.library.custom_op("qflax::matmul_4bit", matmul_4bit_body, mutates_args=())
+
+
 @matmul_4bit.register_fake
 def _matmul_4bit_fake(x, packed, absmax, quant_map, nested_map, nested_absmax, nested_offset, bias, out_features,
                       blocksize):
     return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.custom_op("qflax::grad_input_4bit", mutates_args=())
-def grad_input_4bit(g: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor, nested_map: Optional[Tensor],
+def grad_input_4bit_body(g: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor, nested_map: Optional[Tensor],
                     nested_absmax: Optional[Tensor], nested_offset: Optional[Tensor], in_features: int,
                     blocksize: int) -> Tensor:
     """``g @ W`` (the input gradient of ``x @ W.T``) for a 2-D contiguous ``g (M, N)``, in g's dtype.
@@ -96,6 +97,9 @@ def grad_input_4bit(g: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor
     weight = fourbit_launch.weight_inputs(packed, absmax, quant_map, nested_map, nested_absmax, nested_offset)
     (out,) = kernel_launch.run(launch, [g, *weight])
     return out
+
+
+grad_input_4bit = torch.library.custom_op("qflax::grad_input_4bit", grad_input_4bit_body, mutates_args=())
 
 
 @grad_input_4bit.register_fake

@@ -97,8 +97,7 @@ def _grad_bias(grad: Tensor, bias_dtype: Optional[torch.dtype], wanted: bool) ->
     return grad.float().sum(0).to(bias_dtype)
 
 
-@torch.library.custom_op("qflax::int8_quantize_rows", mutates_args=())
-def int8_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+def int8_quantize_rows_body(x: Tensor) -> tuple[Tensor, Tensor]:
     """bitsandbytes' row-wise LLM.int8 quantization of a contiguous 2-D ``x``: int8 codes and float32 absmax.
 
     The codes and scales of a weight (CB, SCB) are bit-identical to ``qflax.quant.quantize_rows``.
@@ -106,13 +105,15 @@ def int8_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return _quantize_rows(x)
 
 
+int8_quantize_rows = torch.library.custom_op("qflax::int8_quantize_rows", int8_quantize_rows_body, mutates_args=())
+
+
 @int8_quantize_rows.register_fake
 def _int8_quantize_rows_fake(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op("qflax::llm_int8_matmul", mutates_args=())
-def llm_int8_matmul(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+def llm_int8_matmul_body(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     """LLM.int8 ``x @ W.T (+ bias)`` with a frozen int8 weight (Linear8bitLt, has_fp16_weights=False).
 
     Args:
@@ -126,6 +127,9 @@ def llm_int8_matmul(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tens
       (M, N) in x's dtype.
     """
     return _llm_int8(x, codes, scale, bias, threshold)
+
+
+llm_int8_matmul = torch.library.custom_op("qflax::llm_int8_matmul", llm_int8_matmul_body, mutates_args=())
 
 
 @llm_int8_matmul.register_fake
@@ -151,8 +155,7 @@ def _frozen_backward(ctx, grad):
 llm_int8_matmul.register_autograd(_frozen_backward, setup_context=_frozen_setup)
 
 
-@torch.library.custom_op("qflax::llm_int8_matmul_trainable", mutates_args=())
-def llm_int8_matmul_trainable(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+def llm_int8_matmul_trainable_body(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     """LLM.int8 ``x @ weight.T (+ bias)`` with a float weight quantized row-wise on every call.
 
     Args:
@@ -166,6 +169,10 @@ def llm_int8_matmul_trainable(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     """
     codes, scale = _quantize_rows(weight)
     return _llm_int8(x, codes, scale, bias, threshold)
+
+
+llm_int8_matmul_trainable = torch.library.custom_op("qflax::llm_int8_matmul_trainable", llm_int8_matmul_trainable_body,
+                                                    mutates_args=())
 
 
 @llm_int8_matmul_trainable.register_fake

@@ -8,8 +8,8 @@ launcher on the current torch stream. Two runtimes exist:
 - "interpreter": ``TRITON_INTERPRET=1`` was set before the kernels were imported; Triton's
   interpreter runs them on CPU tensors (the CI tests of the custom ops).
 
-Everything here runs inside the bodies of the ``qflax::`` custom ops, on real tensors; nothing
-is traced by torch.compile.
+:func:`run` runs inside the bodies of the ``qflax::`` custom ops, on real tensors; nothing of it
+is traced by torch.compile. :func:`call` decides whether a call needs the op or just its body.
 """
 
 import contextlib
@@ -73,9 +73,13 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
 
 
+_DTYPE_NAMES = {t: str(t).replace("torch.", "") for t in (torch.float16, torch.bfloat16, torch.float32)}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """"float16", "bfloat16", ... (the dtype names of ``qflax_kernels.launch.Output``)."""
-    return str(dtype).replace("torch.", "")
+    name = _DTYPE_NAMES.get(dtype)
+    return str(dtype).replace("torch.", "") if name is None else name
 
 
 def _device_guard(device: torch.device):
@@ -109,3 +113,22 @@ def run(launch, inputs: list) -> list:
     with _device_guard(device):
         torch_launch.launch_into(launch, inputs, outputs)
     return outputs
+
+
+def _modes_active() -> bool:
+    dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+    return dispatch_modes is None or dispatch_modes() > 0 or (function_modes is not None and function_modes())
+
+
+def call(op, body, *args):
+    """``op(*args)``, or in plain eager code ``body(*args)``: the same computation without the dispatcher.
+
+    The op (a ``torch.library`` custom op) is needed wherever something must see it: torch.compile
+    tracing, autograd (an argument requires grad), a dispatch or torch-function mode. Otherwise its
+    body is called directly, saving the custom op's Python dispatch on every layer call.
+    """
+    if (torch.compiler.is_compiling() or _modes_active()
+            or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))):
+        return op(*args)
+    return body(*args)

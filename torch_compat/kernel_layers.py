@@ -11,10 +11,9 @@ from typing import Optional
 
 import torch
 
-from torch_compat import cuda_weights, direct_path
-from torch_compat import fourbit_ops, int8_ops  # noqa: F401 - registers the torch.ops.qflax ops
+from torch_compat import cuda_weights, direct_path, fourbit_ops, int8_ops
 from torch_compat.autograd import outlier_indices
-from torch_compat.kernel_launch import dtype_name
+from torch_compat.kernel_launch import call, dtype_name
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -31,9 +30,9 @@ def linear_4bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     Returns:
       ``(..., out_features)`` of x's dtype, or None.
     """
-    weight = layer.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None or state.shape is None or len(state.shape) != 2 or weight.device != x.device:
+    state = getattr(layer.weight, "quant_state", None)
+    # The state's device is the weight's (they move together); a plain tensor's is cheaper to read.
+    if state is None or state.shape is None or len(state.shape) != 2 or state.absmax.device != x.device:
         return None
     compute = x.dtype if layer.compute_dtype is None else _dtype(layer.compute_dtype)
     name = dtype_name(compute)
@@ -48,7 +47,8 @@ def linear_4bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     x2 = x.reshape(-1, k)
     if x2.dtype != compute:
         x2 = x2.to(compute)
-    out = torch.ops.qflax.matmul_4bit(x2.contiguous(), *cuda_weights.fourbit_weight(layer), layer.bias, n, blocksize)
+    out = call(torch.ops.qflax.matmul_4bit, fourbit_ops.matmul_4bit_body, x2.contiguous(),
+               *cuda_weights.fourbit_weight(layer), layer.bias, n, blocksize)
     out = out.reshape(*x.shape[:-1], n)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
@@ -80,10 +80,11 @@ def linear_8bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     x2 = x.reshape(-1, k).contiguous()
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     if trainable:
-        out = torch.ops.qflax.llm_int8_matmul_trainable(x2, weight.contiguous(), bias, threshold)
+        out = call(torch.ops.qflax.llm_int8_matmul_trainable, int8_ops.llm_int8_matmul_trainable_body, x2,
+                   weight.contiguous(), bias, threshold)
     else:
         codes, scale = cuda_weights.int8_weight(layer, *layer._int8_weight())
-        out = torch.ops.qflax.llm_int8_matmul(x2, codes, scale, bias, threshold)
+        out = call(torch.ops.qflax.llm_int8_matmul, int8_ops.llm_int8_matmul_body, x2, codes, scale, bias, threshold)
     if threshold > 0 and not torch.compiler.is_compiling() and not _capturing(x):
         layer.state.idx = outlier_indices(x, threshold)
     return out.reshape(*x.shape[:-1], n)

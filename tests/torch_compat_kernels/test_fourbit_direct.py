@@ -108,11 +108,20 @@ def test_weights_are_converted_once_and_follow_in_place_writes(gen, monkeypatch)
         layer.weight.quant_state.absmax.copy_(other.weight.quant_state.absmax)
         layer.bias.copy_(other.bias)
     assert torch.equal(paths.direct(layer, x, OP), paths.jax_kernel(other, x, OP))
-    assert len(built) == 2  # the in-place writes raised the tensors' versions
+    assert len(built) == 1  # the kernel's views share memory with the parameter and its statistics
     # a loaded checkpoint replaces the parameter: the cache is rebuilt
     layer.load_state_dict(make_layer("nf4", 64, False, seed=2).state_dict())
     assert torch.equal(paths.direct(layer, x, OP), paths.jax_kernel(make_layer("nf4", 64, False, seed=2), x, OP))
-    assert len(built) == 3
+    assert len(built) == 2
+    # a statistic the kernel needs in another dtype is copied once, and copied again after an in-place write
+    state = layer.weight.quant_state
+    state.code = state.code.double()
+    first = paths.direct(layer, x, OP)
+    assert torch.equal(first, paths.jax_kernel(layer, x, OP)) and len(built) == 3
+    with torch.no_grad():
+        state.code.mul_(0.5)
+    assert torch.equal(paths.direct(layer, x, OP), paths.jax_kernel(layer, x, OP)) and len(built) == 4
+    assert not torch.equal(paths.direct(layer, x, OP), first) and len(built) == 4
 
 
 def test_state_dict_keeps_bitsandbytes_bytes(gen):
@@ -140,7 +149,7 @@ def test_the_policy_picks_the_dlpack_path(gen):
 
 
 def test_auto_uses_the_kernels_on_cuda_within_the_measured_rows(monkeypatch):
-    monkeypatch.setattr(direct_path.kernel_launch, "device_supported", lambda device, dtype: device.type == "cuda")
+    monkeypatch.setattr(direct_path, "_device_supported_cached", lambda device_type, index, dtype: device_type == "cuda")
     cuda = torch.device("cuda", 0)
     max_rows = direct_path.fourbit_max_rows(4096, "bfloat16")
     assert max_rows == 512
