@@ -67,7 +67,7 @@ def build_float_model(size: str, device: torch.device, dtype=torch.bfloat16):
     """The seeded random-weight Llama, in ``dtype``, on ``device``, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**MODELS[size], torch_dtype=dtype)
+    config = LlamaConfig(**MODELS[size])
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -129,8 +129,11 @@ def _generate_kwargs(new_tokens: int, compiled: bool, fullgraph: bool, backend: 
     if compiled:
         from transformers import CompileConfig
 
+        # "reduce-overhead" is inductor's mode; another backend (e.g. "cudagraphs": capture without
+        # inductor's codegen, much quicker to compile) takes no mode.
+        mode = "reduce-overhead" if backend == "inductor" else None
         kwargs.update(cache_implementation="static",
-                      compile_config=CompileConfig(fullgraph=fullgraph, mode="reduce-overhead", backend=backend))
+                      compile_config=CompileConfig(fullgraph=fullgraph, mode=mode, backend=backend))
     return kwargs
 
 

@@ -88,25 +88,38 @@ def test_peft_lora_over_4bit_layers(runs):
     assert 0 < merge_shift < 2 * _relative(ours["4bit"]["logits"], ours["float_logits"])
 
 
-def test_install_and_uninstall_in_process(monkeypatch):
+@pytest.fixture
+def no_bitsandbytes_modules():
+    """Takes the real bitsandbytes (the suite's oracle) out of sys.modules for a test, and puts it back."""
+    saved = {k: v for k, v in sys.modules.items() if k == "bitsandbytes" or k.startswith("bitsandbytes.")}
+    for key in saved:
+        del sys.modules[key]
+    yield
+    install.uninstall()
+    for key in [k for k in sys.modules if k == "bitsandbytes" or k.startswith("bitsandbytes.")]:
+        del sys.modules[key]
+    sys.modules.update(saved)
+
+
+def test_install_and_uninstall_in_process(no_bitsandbytes_modules):
     import importlib.metadata
     import importlib.util
 
-    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
     module = torch_compat.install_as_bitsandbytes()
-    try:
-        import bitsandbytes
-        from bitsandbytes.nn import Linear4bit
+    import bitsandbytes
+    from bitsandbytes.nn import Linear4bit
 
-        assert bitsandbytes is module and isinstance(module, types.ModuleType)
-        assert bitsandbytes.nn is torch_compat.nn and Linear4bit is torch_compat.nn.Linear4bit
-        assert bitsandbytes.functional is torch_compat.functional and bitsandbytes.matmul_4bit is torch_compat.matmul_4bit
-        assert importlib.util.find_spec("bitsandbytes") is not None
-        assert importlib.metadata.version("bitsandbytes") == install.BITSANDBYTES_VERSION
-        assert torch_compat.install_as_bitsandbytes() is module  # idempotent
-    finally:
-        install.uninstall()
+    assert bitsandbytes is module and isinstance(module, types.ModuleType)
+    assert bitsandbytes.nn is torch_compat.nn and Linear4bit is torch_compat.nn.Linear4bit
+    assert bitsandbytes.functional is torch_compat.functional and bitsandbytes.matmul_4bit is torch_compat.matmul_4bit
+    assert importlib.util.find_spec("bitsandbytes") is not None
+    # the version comes from the stand-in's own metadata, whether or not bitsandbytes' distribution is installed
+    assert isinstance(importlib.metadata.distribution("bitsandbytes"), install._Distribution)
+    assert importlib.metadata.version("bitsandbytes") == install.BITSANDBYTES_VERSION
+    assert torch_compat.install_as_bitsandbytes() is module  # idempotent
+    install.uninstall()
     assert not install.is_installed() and "bitsandbytes" not in sys.modules
+    assert not isinstance(next(iter(importlib.metadata.distributions(name="bitsandbytes")), None), install._Distribution)
 
 
 def test_install_refuses_to_shadow_an_imported_bitsandbytes(monkeypatch):

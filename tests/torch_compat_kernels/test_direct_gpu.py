@@ -46,7 +46,7 @@ def nf4_layer(blocksize=64, nested=True, quant_type="nf4", compute_dtype=None, s
     return layer.cuda()
 
 
-@pytest.mark.parametrize("rows", [1, 16, 100, 512])
+@pytest.mark.parametrize("rows", [1, 16, 512])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("combo", [("nf4", 64, True), ("fp4", 128, False)])
 def test_fourbit_direct_path_matches_the_jax_paths(combo, dtype, rows):
