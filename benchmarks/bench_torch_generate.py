@@ -114,9 +114,10 @@ def model_bytes(model) -> int:
             tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if t is not None]
             if getattr(state, "state2", None) is not None:
                 tensors += [state.state2.absmax, state.state2.code]
-        lt_state = getattr(module, "state", None)
-        if getattr(lt_state, "SCB", None) is not None:
-            tensors.append(lt_state.SCB)
+        # LLM.int8 row scales: on the weight until the first forward, then in the layer's state.
+        for holder in (getattr(module, "weight", None), getattr(module, "state", None)):
+            if isinstance(getattr(holder, "SCB", None), torch.Tensor):
+                tensors.append(holder.SCB)
     seen = {}
     for t in tensors:
         storage = t.untyped_storage()
@@ -195,10 +196,18 @@ def measure(model, args, prompt, long_ids, modes) -> dict:
         out["logits"] = model(prompt).logits[0, -1].float().cpu()
         out["forward_s"] = time_forward(model, long_ids, args.repeats)
         for mode in modes:
-            out[mode] = time_generate(model, prompt, args.new_tokens, args.repeats, mode == "compiled",
-                                      args.compile_backend)
+            try:
+                out[mode] = time_generate(model, prompt, args.new_tokens, args.repeats, mode == "compiled",
+                                          args.compile_backend)
+            except Exception as err:  # noqa: BLE001 - one failing configuration must not lose the others
+                out[mode] = dict(seconds=None, tokens=None, fullgraph=None, error=f"{type(err).__name__}: {err}"[:500])
+                print(f"{mode} failed: {out[mode]['error']}")
             torch._dynamo.reset()
     return out
+
+
+def _per_token(record: dict, new_tokens: int):
+    return None if record["seconds"] is None else record["seconds"] / new_tokens * 1e6
 
 
 def _device_name(device: torch.device) -> str:
@@ -223,20 +232,23 @@ def _rows(quant, size, ours, peer, reference, path, modes, args) -> list:
     rows = []
     for mode in modes:
         mine = ours[mode]
+        ours_us = _per_token(mine, args.new_tokens)
         row = dict(op=f"generate ({mode})", M=1, prompt=args.prompt_tokens, new_tokens=args.new_tokens,
-                   ours_us=mine["seconds"] / args.new_tokens * 1e6, tokens_per_s=args.new_tokens / mine["seconds"],
+                   ours_us=ours_us, tokens_per_s=None if ours_us is None else 1e6 / ours_us,
                    ours_fullgraph=mine["fullgraph"], ours_error=mine["error"],
-                   ours_peak_extra_bytes=mine.get("peak_extra_bytes"), **common, **agreement)
+                   ours_peak_extra_bytes=mine.get("peak_extra_bytes"), baseline_us=None, ratio=None,
+                   **common, **agreement)
         if peer is not None:
             theirs = peer[mode]
-            same = [a == b for a, b in zip(mine["tokens"], theirs["tokens"])]
-            row.update(baseline_us=theirs["seconds"] / args.new_tokens * 1e6,
-                       baseline_tokens_per_s=args.new_tokens / theirs["seconds"],
-                       ratio=theirs["seconds"] / mine["seconds"], baseline_fullgraph=theirs["fullgraph"],
-                       baseline_error=theirs["error"], baseline_peak_extra_bytes=theirs.get("peak_extra_bytes"),
-                       tokens_equal=sum(same), tokens_equal_prefix=same.index(False) if False in same else len(same))
-        else:
-            row.update(baseline_us=None, ratio=None)
+            baseline_us = _per_token(theirs, args.new_tokens)
+            row.update(baseline_us=baseline_us,
+                       baseline_tokens_per_s=None if baseline_us is None else 1e6 / baseline_us,
+                       baseline_fullgraph=theirs["fullgraph"], baseline_error=theirs["error"],
+                       baseline_peak_extra_bytes=theirs.get("peak_extra_bytes"))
+            if ours_us is not None and baseline_us is not None:
+                same = [a == b for a, b in zip(mine["tokens"], theirs["tokens"])]
+                row.update(ratio=baseline_us / ours_us, tokens_equal=sum(same),
+                           tokens_equal_prefix=same.index(False) if False in same else len(same))
         rows.append(row)
     forward = dict(op="forward (no cache)", M=args.forward_tokens, ours_us=ours["forward_s"] * 1e6, **common)
     forward.update(baseline_us=None if peer is None else peer["forward_s"] * 1e6,
@@ -277,10 +289,11 @@ def main(argv=None) -> dict:
     rows = []
     if not args.no_bf16:
         for mode in modes:
-            rows.append(dict(op=f"generate ({mode})", quant="bf16", M=1, impl="torch nn.Linear",
-                             ours_us=reference[mode]["seconds"] / args.new_tokens * 1e6,
-                             tokens_per_s=args.new_tokens / reference[mode]["seconds"],
-                             fullgraph=reference[mode]["fullgraph"], path="torch bf16"))
+            bf16_us = _per_token(reference[mode], args.new_tokens)
+            rows.append(dict(op=f"generate ({mode})", quant="bf16", M=1, impl="torch nn.Linear", ours_us=bf16_us,
+                             tokens_per_s=None if bf16_us is None else 1e6 / bf16_us,
+                             fullgraph=reference[mode]["fullgraph"], error=reference[mode]["error"],
+                             path="torch bf16"))
         rows.append(dict(op="forward (no cache)", quant="bf16", M=args.forward_tokens, impl="torch nn.Linear",
                          ours_us=reference["forward_s"] * 1e6, path="torch bf16"))
     for quant in args.quants.split(","):
