@@ -103,3 +103,25 @@ def test_fullgraph_aot_compile_of_a_fresh_model_gives_eager_gradients(gen):
     for got, want in zip(*results):
         assert got is not None and want is not None
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_eager_calls_skip_the_dispatcher_only_where_nothing_would_see_it(gen):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = tc.nn.LinearNF4(128, 24).to("cpu")
+    x = torch.randn(2, 128, generator=gen)
+    with use_backend("triton"), torch.no_grad():
+        plain = layer(x)
+        with Recorder() as recorder:  # a dispatch mode must see the op, so the op is called
+            seen = layer(x)
+    assert any("qflax.matmul_4bit" in op for op in recorder.ops)
+    assert torch.equal(plain, seen)
