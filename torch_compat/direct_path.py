@@ -14,7 +14,8 @@ taken where the JAX op would run the same kernel:
 - "triton": on CUDA, or on CPU tensors when the kernels run in Triton's interpreter (tests).
 
 Everywhere else the layer computes through JAX by DLPack, as before; :func:`dlpack_only` (or
-``QFLAX_TORCH_DIRECT=0``) keeps every call on that path, e.g. to compare the two. The decisions read only
+``QFLAX_TORCH_DIRECT=0``) keeps every call on that path, e.g. to compare the two. Until the
+direct path has passed its GPU tests, "auto" takes it only with ``QFLAX_TORCH_DIRECT=1``. The decisions read only
 shapes, dtypes and Python settings: the settings functions are constants to torch.compile
 (``assume_constant_result``), so a compiled graph keeps the path it was compiled with.
 :func:`last_path` says which path the last eager call took ("kernel" or "dlpack").
@@ -61,9 +62,15 @@ def dlpack_only() -> Iterator[None]:
 
 @torch.compiler.assume_constant_result
 def _requested_backend() -> str:
-    if not _direct_allowed.get() or os.environ.get(ENV_VAR, "1") == "0":
+    setting = os.environ.get(ENV_VAR)
+    if not _direct_allowed.get() or setting == "0":
         return "dlpack"
-    return dispatch.requested_backend()
+    wanted = dispatch.requested_backend()
+    if wanted == "auto" and setting != "1":
+        # Not yet run on a GPU (2026-12-01): "auto" keeps the DLPack path unless QFLAX_TORCH_DIRECT=1;
+        # an explicit "triton" (tests, the interpreter) takes the kernels.
+        return "dlpack"
+    return wanted
 
 
 @functools.lru_cache(maxsize=None)
