@@ -153,6 +153,8 @@ def _weight_variables(kind: str, w, shape: Shape, key):
         q = _quantize_4bit(w, blocksize=64, quant_type=kind.removeprefix("lora_")[:3],
                            compress_statistics=kind in ("nf4_dq", "lora_nf4"))
         out = {"quantized": {"weight": q}}
+        if kind != "lora_nf4":  # inference kinds carry no adapters (they would be unused jit arguments)
+            return out
     elif kind in ("int8_t0", "int8_t6"):
         return {"quantized": {"weight": _quantize_int8(w)}}
     else:  # lora_bf16
