@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 from qflax.ops import dispatch, fourbit_kernels
-from qflax.quant import validation
+from qflax.quant import fourbit_rows, validation
 from qflax.quant.fourbit import Packed4bit, dequantize_4bit
 
 OP_NAME = "matmul_4bit"
@@ -40,8 +40,12 @@ def dequantize_as(q: Packed4bit, dtype: str) -> jax.Array:
     """The weight decoded in float32 and rounded once, straight to ``dtype``.
 
     bitsandbytes on CPU decodes into the activation dtype the same way; going through the
-    stored dtype first would round twice (e.g. float32 -> bfloat16 -> float16).
+    stored dtype first would round twice (e.g. float32 -> bfloat16 -> float16). A weight whose
+    rows are whole absmax blocks is decoded along its two axes (same values, bit for bit), so
+    that XLA partitions a weight sharded along either axis shard by shard (qflax.sharding).
     """
+    if fourbit_rows.has_whole_block_rows(q):
+        return fourbit_rows.dequantize_rows(q, dtype)
     return dequantize_4bit(q.replace(dtype=dtype))
 
 

@@ -188,7 +188,7 @@ def dequantize_absmax(q: Packed4bit) -> jax.Array:
       float32 array of shape ``(q.nblocks,)``.
     """
     if not q.nested:
-        return q.absmax.astype(jnp.float32)
+        return q.absmax.astype(jnp.float32).reshape(-1)  # flat also for a row view (qflax.sharding)
     decoded = blockwise.dequantize_flat(q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_blocksize)
     return decoded + q.nested_offset.astype(jnp.float32)
 
