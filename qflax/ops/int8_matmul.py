@@ -111,10 +111,6 @@ def _grad_bias(g2: jax.Array, bias: Optional[jax.Array]) -> Optional[jax.Array]:
     return jnp.sum(g2.astype(jnp.float32), axis=0).astype(bias.dtype)
 
 
-def _zero_cotangent(w: Int8Rows) -> Int8Rows:
-    return Int8Rows(
-        codes=np.zeros(w.codes.shape, dtype=jax.dtypes.float0), scale=jnp.zeros(w.scale.shape, w.scale.dtype)
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +128,8 @@ def _matmul_frozen_fwd(x2, w, bias, threshold, path):
 
 def _matmul_frozen_bwd(threshold, path, residuals, g2):
     w, bias, x_dtype_marker = residuals
-    return _grad_input(g2, w, x_dtype_marker.dtype), _zero_cotangent(w), _grad_bias(g2, bias)
+    # None: a zero cotangent for the frozen weight, typed by JAX (inside shard_map, too).
+    return _grad_input(g2, w, x_dtype_marker.dtype), None, _grad_bias(g2, bias)
 
 
 _matmul_frozen.defvjp(_matmul_frozen_fwd, _matmul_frozen_bwd)

@@ -56,6 +56,37 @@ def local_weight(q: Packed4bit, spec: Any) -> Packed4bit:
     return fourbit_rows.local_block(q, shard_index(out_axes) * rows, shard_index(in_axes) * cols)
 
 
+def _vary(x: jax.Array, axes: tuple) -> jax.Array:
+    """``x`` marked as varying over mesh ``axes`` (inside ``shard_map``).
+
+    A column-parallel product meets activations that are the same on every device of the
+    weight's axes; marking them varying first makes their gradient the ``psum`` of the
+    devices' partial gradients (the transpose of the mark), outside the ops' own vjps.
+    """
+    missing = tuple(a for a in axes if a not in _varying(x))
+    if not missing:
+        return x
+    cast = getattr(jax.lax, "pcast", None)
+    return cast(x, missing, to="varying") if cast is not None else jax.lax.pvary(x, missing)
+
+
+def _varying(x: jax.Array) -> frozenset:
+    """The manual mesh axes over which ``x`` varies (jax >= 0.10 types; ``vma`` before)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _vma(x: Optional[jax.Array]) -> tuple:
+    return tuple(sorted(_varying(x))) if x is not None else ()
+
+
+def _align(x: jax.Array, bias: Optional[jax.Array], out_axes: tuple) -> tuple:
+    """x and bias varying over the same axes, so the ops' vjps see matching types (gradients psum-ed)."""
+    x = _vary(x, out_axes + _vma(bias))
+    return x, None if bias is None else _vary(bias, _vma(x))
+
+
 def _add_bias(y: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
     if bias is None:
         return y
@@ -80,6 +111,7 @@ def matmul_4bit_local(x: jax.Array, q: Packed4bit, spec: Any, bias: Optional[jax
     """
     out_axes, in_axes = _weight_axes(spec)
     local = local_weight(q, spec)
+    x, bias = _align(x, bias, out_axes)
     if not in_axes:
         return ops.matmul_4bit(x, local, bias, compute_dtype=compute_dtype, backend=backend)
     y = ops.matmul_4bit(x, local, None, compute_dtype=compute_dtype, backend=backend)
@@ -120,8 +152,7 @@ def _llm_int8_split_bwd(threshold, batch_axes, in_axes, residuals, g):
     w = int8_quant.int8_vectorwise_dequant(codes, scale).astype(marker.dtype)
     grad_x = jnp.matmul(g.astype(marker.dtype), w, preferred_element_type=jnp.float32).astype(marker.dtype)
     grad_bias = None if bias is None else jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
-    codes_zero = jnp.zeros(codes.shape, jax.dtypes.float0)
-    return grad_x, codes_zero, jnp.zeros_like(scale), grad_bias
+    return grad_x, None, None, grad_bias  # the frozen weight gets no cotangent
 
 
 _llm_int8_split.defvjp(_llm_int8_split_fwd, _llm_int8_split_bwd)
@@ -148,8 +179,9 @@ def matmul_8bit_local(x: jax.Array, w: Int8Rows, spec: Any, bias: Optional[jax.A
     Returns:
       ``(..., N / |out_axes|)`` in x's dtype.
     """
-    _, in_axes = _weight_axes(spec)
+    out_axes, in_axes = _weight_axes(spec)
     batch = axes_of(batch_axes)
+    x, bias = _align(x, bias, out_axes)
     if not in_axes and not (batch and threshold > 0):
         return ops.matmul_8bit(x, w, bias, threshold=threshold, backend=backend)
     lead = x.shape[:-1]
