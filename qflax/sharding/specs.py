@@ -78,6 +78,21 @@ def check_spec(spec: Any, ndim: int, mesh: Mesh, where: str) -> tuple:
     return entries + (None,) * (ndim - len(entries))
 
 
+def check_auto_axes(entries: tuple, mesh: Mesh, where: str) -> None:
+    """Raises unless every mesh axis splitting a quantized weight is an Auto axis.
+
+    The ops decode a quantized weight with table lookups whose output sharding JAX's Explicit
+    mode cannot infer; XLA's partitioner (Auto axes) places them shard by shard.
+    """
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ()))
+    explicit = [a for e in entries for a in axes_of(e) if "Explicit" in str(types.get(a, ""))]
+    if explicit:
+        raise ValueError(
+            f"{where}: quantized weights can be split only over Auto mesh axes; {explicit} are Explicit. Build the "
+            "mesh with jax.sharding.Mesh(devices, names) or jax.make_mesh(shape, names, "
+            "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
+
+
 def _check_divides(where: str, what: str, size: int, entry: Any, mesh: Mesh, multiple: int = 1,
                    why: str = "") -> None:
     parts = _size(mesh, entry)
@@ -120,6 +135,7 @@ def packed4bit_specs(q: Packed4bit, spec: Any, mesh: Mesh, where: str) -> Packed
         out = inner = None
     else:
         out, inner = check_spec(spec, 2, mesh, where)
+        check_auto_axes((out, inner), mesh, where)
     n, k = q.shape if len(q.shape) == 2 else (q.size, 1)
     what = f"{where} (4-bit weight {q.shape}, blocksize {q.blocksize})"
     if (out is not None or inner is not None) and k % q.blocksize:
@@ -150,6 +166,7 @@ def int8_specs(w: Int8Rows, spec: Any, mesh: Mesh, where: str) -> Int8Rows:
       ValueError: a split dimension is not divisible by its devices.
     """
     out, inner = check_spec(spec, 2, mesh, where)
+    check_auto_axes((out, inner), mesh, where)
     n, k = w.codes.shape
     what = f"{where} (int8 weight {(n, k)})"
     if out is not None:

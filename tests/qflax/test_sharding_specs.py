@@ -121,6 +121,15 @@ def test_bad_splits_raise_naming_the_variable_sizes_and_allowed_values(mesh, tre
         qs.quantized_partition_specs(tree, [("w", rule)], mesh)
 
 
+def test_explicit_mesh_axes_are_refused_for_quantized_weights():
+    mesh = jax.make_mesh((2, 4), ("dp", "tp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with pytest.raises(ValueError, match=r"split only over Auto mesh axes; \['tp'\] are Explicit.*axis_types="):
+        qs.quantized_partition_specs({"w": abstract()}, [("w", P("tp", None))], mesh)
+    # Replicated quantized weights and split float arrays are fine on such a mesh.
+    specs = qs.quantized_partition_specs({"w": abstract(), "b": jnp.zeros(8)}, [("b", P("tp"))], mesh)
+    assert specs["w"].packed == P() and specs["b"] == P("tp")
+
+
 def test_malformed_rules_raise_type_errors(mesh):
     with pytest.raises(TypeError, match=r"rules\[0\] must be a \(pattern string, PartitionSpec\) pair"):
         qs.quantized_partition_specs({"w": jnp.ones(4)}, [("w",)], mesh)
