@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qflax.ops import dispatch, fourbit_kernels, partitioning
+from qflax.ops import dispatch, fourbit_kernels, fourbit_partitioning
 from qflax.quant import fourbit_rows, validation
 from qflax.quant.fourbit import Packed4bit, dequantize_4bit
 
@@ -76,7 +76,7 @@ def _grad_input_product(g: jax.Array, q: Packed4bit, compute_dtype: str) -> jax.
 def _matmul_impl(x, q, bias, compute_dtype, requested_backend):
     path = _choose(OP_NAME, requested_backend, x, q, compute_dtype)
     if path == "triton":
-        return partitioning.fourbit_forward(x, q, bias, compute_dtype)
+        return fourbit_partitioning.fourbit_forward(x, q, bias, compute_dtype)
     return _forward_product(x, q, bias, compute_dtype)
 
 
@@ -92,7 +92,7 @@ def _matmul_bwd(compute_dtype, requested_backend, residuals, g):
     q, bias = residuals
     path = _choose(GRAD_INPUT_OP_NAME, requested_backend, g, q, compute_dtype)
     if path == "triton":
-        grad_x = partitioning.fourbit_grad_input(g, q, compute_dtype).astype(g.dtype)
+        grad_x = fourbit_partitioning.fourbit_grad_input(g, q, compute_dtype).astype(g.dtype)
     else:
         grad_x = _grad_input_product(g, q, compute_dtype).astype(g.dtype)  # g has x's dtype
     grad_bias = None

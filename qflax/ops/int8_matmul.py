@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qflax.ops import dispatch, int8_kernels, partitioning
+from qflax.ops import dispatch, int8_kernels, int8_partitioning
 from qflax.quant import int8 as int8_quant
 from qflax.quant import validation
 from qflax.quant.int8 import Int8Rows
@@ -84,7 +84,7 @@ def _forward(x2: jax.Array, w: Int8Rows, bias: Optional[jax.Array], threshold: f
     if path == "triton":
         # Same maths in Triton kernels; the output comes back in x's dtype (cast once, in the kernel).
         # (partitioning: the same kernels per shard when the weight is sharded.)
-        return partitioning.llm_int8_forward(x2, w.codes, w.scale, bias, threshold)
+        return int8_partitioning.llm_int8_forward(x2, w.codes, w.scale, bias, threshold)
     codes, row_stats, mask = int8_quant.int8_vectorwise_quant(x2, threshold)
     acc = int8_quant.int8_linear_matmul(codes, w.codes)
     out = int8_quant.int8_mm_dequant(acc, row_stats, w.scale)

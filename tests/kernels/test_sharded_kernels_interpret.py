@@ -1,8 +1,8 @@
 """The per-shard programs of the kernels' partitioning rules, with the real Triton kernels (interpreter).
 
-``qflax.ops.partitioning`` hands the SPMD partitioner one function per kernel call
-(``forward_shard``, ``grad_shard``, ``llm_int8_shard``) that every device runs on its shard. On
-CPU these cannot run inside a partitioned ``jit`` (the interpreter's host callback is lost
+The partitioning rules (``qflax.ops.fourbit_partitioning``, ``int8_partitioning``) hand the SPMD
+partitioner one function per kernel call (``forward_shard``, ``grad_shard``, ``llm_int8_shard``)
+that every device runs on its shard. On CPU these cannot run inside a partitioned ``jit`` (the interpreter's host callback is lost
 there, see tests/qflax/kernel_standins.py), so they run here under ``shard_map``, the same
 program on the same shards, against the single-device XLA reference.
 """
@@ -18,7 +18,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from qflax import ops
 from qflax import sharding as qs
-from qflax.ops import partitioning
+from qflax.ops import fourbit_partitioning, int8_partitioning
 from qflax.quant import quantize_4bit, quantize_rows
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -54,13 +54,13 @@ def test_4bit_shard_programs_match_one_device(spec, shape):
     g = jax.random.normal(jax.random.key(2), (3, n), jnp.float32)
     bias = jax.random.normal(jax.random.key(3), (n,), jnp.float32)
     out_axes, in_axes = (("tp",), ()) if spec == P("tp", None) else ((), ("tp",))
-    static = partitioning._static(q, True, "float32")
-    arrays = partitioning._weight_arrays(q)
+    static = fourbit_partitioning._static(q, True, "float32")
+    arrays = fourbit_partitioning._weight_arrays(q)
     weight_specs = _weight_specs(q, spec)
-    forward = jax.shard_map(functools.partial(partitioning.forward_shard, static, out_axes, in_axes), mesh=mesh,
+    forward = jax.shard_map(functools.partial(fourbit_partitioning.forward_shard, static, out_axes, in_axes), mesh=mesh,
                             in_specs=(P(None, spec[1]), *weight_specs, P(spec[0])), out_specs=P(None, spec[0]))
-    static_grad = partitioning._static(q, False, "float32")
-    grad = jax.shard_map(functools.partial(partitioning.grad_shard, static_grad, out_axes, in_axes), mesh=mesh,
+    static_grad = fourbit_partitioning._static(q, False, "float32")
+    grad = jax.shard_map(functools.partial(fourbit_partitioning.grad_shard, static_grad, out_axes, in_axes), mesh=mesh,
                          in_specs=(P(None, spec[0]), *weight_specs), out_specs=P(None, spec[1]))
     _close(jax.jit(forward)(x, *arrays, bias), ops.matmul_4bit(x, q, bias, backend="xla"), 1e-5)
     want_grad = jax.vjp(lambda x: ops.matmul_4bit(x, q, backend="xla"), x)[1](g)[0]
@@ -74,8 +74,8 @@ def test_llm_int8_shard_program_with_outliers_and_split_rows(spec):
     x = jax.random.normal(jax.random.key(1), (4, 128), jnp.float32).at[1, 5].set(30.0).at[2, 70].set(-25.0)
     bias = jax.random.normal(jax.random.key(2), (64,), jnp.float32)
     out_axes, in_axes = (("tp",), ()) if spec == P("tp", None) else ((), ("tp",))
-    static = partitioning._StaticInt8(6.0, True)
-    shard = functools.partial(partitioning.llm_int8_shard, static, ("dp",), in_axes)
+    static = int8_partitioning._StaticInt8(6.0, True)
+    shard = functools.partial(int8_partitioning.llm_int8_shard, static, ("dp",), in_axes)
     program = jax.shard_map(shard, mesh=mesh, in_specs=(P("dp", spec[1]), spec, P(spec[0]), P(spec[0])),
                             out_specs=P("dp", spec[0]))
     want = ops.matmul_8bit(x, w, bias, threshold=6.0, backend="xla")

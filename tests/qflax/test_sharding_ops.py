@@ -37,8 +37,9 @@ def data():
     w_up, w_down = (jax.random.normal(k, shape, jnp.float32) for k, shape in zip(keys[1:3], ((H, K), (N, H))))
     quantize = jax.jit(quantize_4bit, static_argnums=(1, 2, 3))
     bias = {"up": {"bias": jax.random.normal(keys[3], (H,))}, "down": {"bias": jax.random.normal(keys[4], (N,))}}
-    nf4 = {name: {"weight": qs.to_row_view(quantize(w, 64, "nf4", True))} for name, w in (("up", w_up), ("down", w_down))}
-    int8 = {name: {"weight": quantize_rows(w)} for name, w in (("up", w_up), ("down", w_down))}
+    layers = (("up", w_up), ("down", w_down))
+    nf4 = {name: {"weight": qs.to_row_view(quantize(w, 64, "nf4", True))} for name, w in layers}
+    int8 = {name: {"weight": quantize_rows(w)} for name, w in layers}
     return dict(x=x, nf4={"params": bias, "quantized": nf4}, int8={"params": bias, "quantized": int8})
 
 

@@ -41,7 +41,8 @@ def test_row_decode_equals_dequantize_4bit_bit_for_bit(quant_type, blocksize, ne
     for layout in (q, fourbit_rows.to_row_view(q)):
         got = np.asarray(fourbit_rows.dequantize_rows(layout, dtype))
         np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
-    np.testing.assert_array_equal(np.asarray(dequantize_4bit(fourbit_rows.to_row_view(q))), np.asarray(dequantize_4bit(q)))
+    view = fourbit_rows.to_row_view(q)
+    np.testing.assert_array_equal(np.asarray(dequantize_4bit(view)), np.asarray(dequantize_4bit(q)))
 
 
 @pytest.mark.parametrize("rows,cols,row_start,col_start", [
@@ -113,8 +114,10 @@ def test_specs_follow_column_and_row_rules(mesh):
     ({"w": abstract()}, P("mp", None), r"names mesh axes \['mp'\]; the mesh has axes \('dp', 'tp'\)"),
     ({"w": abstract()}, P("tp", None, None), r"has 3 entries, but the array has only 2 dimensions"),
     ({"w": abstract()}, P("tp", "tp"), r"uses a mesh axis twice"),
-    ({"w": jax.eval_shape(quantize_rows, jnp.ones((32, 6)))}, P(None, "tp"), r"int8 weight \(32, 6\).*in_features \(6\).*multiple of 4"),
-    ({"w": jax.ShapeDtypeStruct((6, 8), jnp.float32)}, P("tp"), r"w: dimension 0 \(6\) split over mesh axis 'tp' \(size 4\)"),
+    ({"w": jax.eval_shape(quantize_rows, jnp.ones((32, 6)))}, P(None, "tp"),
+     r"int8 weight \(32, 6\).*in_features \(6\).*multiple of 4"),
+    ({"w": jax.ShapeDtypeStruct((6, 8), jnp.float32)}, P("tp"),
+     r"w: dimension 0 \(6\) split over mesh axis 'tp' \(size 4\)"),
 ])
 def test_bad_splits_raise_naming_the_variable_sizes_and_allowed_values(mesh, tree, rule, message):
     with pytest.raises(ValueError, match=message):
