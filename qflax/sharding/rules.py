@@ -132,7 +132,7 @@ def quantized_partition_specs(variables: Any, rules: Any, mesh: Mesh,
 
 
 def quantized_shardings(variables: Any, rules: Any, mesh: Mesh, logical_axis_rules: Optional[Sequence] = None) -> Any:
-    """:func:`quantized_partition_specs` as ``NamedSharding``s, for ``jax.device_put`` and ``jax.jit(in_shardings=...)``.
+    """:func:`quantized_partition_specs` as ``NamedSharding``s, for ``jax.device_put`` and ``jax.jit`` in_shardings.
 
     Example:
       >>> variables = to_row_view(variables)
