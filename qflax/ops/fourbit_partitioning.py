@@ -110,30 +110,40 @@ def grad_shard(s: _Static4bit, out_axes: tuple, in_axes: tuple, g, *arrays):
     return jax.lax.psum(out, out_axes) if out_axes else out
 
 
-def _rule_4bit(s: _Static4bit, x_factors: str, out_factors: str, reduction: tuple) -> tuple:
-    """The Shardy rule of one 4-bit call: shared factors tie x's features to the weight's blocks."""
+def _rule_4bit(s: _Static4bit, grad: bool) -> tuple:
+    """The Shardy rule of one 4-bit call: shared factors tie x's features to the weight's blocks.
+
+    K is ``kb`` blocks of ``kx`` elements (``kp`` bytes), so sharding the blocks of the weight's
+    absmax propagates to x's features as a whole-block split, and no finer one exists.
+    """
     n, k = s.shape
-    kb = k // s.blocksize
-    if s.row_view:
-        weight = "n (kb kp), n kb"
-        sizes = dict(kx=s.blocksize, kp=s.blocksize // 2)
-        replicated = ("kx", "kp")
-    else:
-        weight = "(n kp) o, (n kb)"
-        sizes = dict(kx=s.blocksize, kp=k // 2, kb=kb)
-        replicated = ("kx", "kp", "kb", "o")
-    operands = [x_factors, weight, "c"]
+    sizes = dict(n=n, kb=k // s.blocksize, kx=s.blocksize, kp=s.blocksize // 2 if s.row_view else k // 2, o=1)
+
+    def dim(*factors):
+        # Shardy rejects size-1 factors inside a compound dimension: leave them out of it.
+        return tuple(f for f in factors if sizes.get(f) != 1) or factors[:1]
+
+    features = dim("kb", "kx")
+    weight = [[("n",), dim("kb", "kp")], [("n",), ("kb",)]] if s.row_view else [[dim("n", "kp"), ("o",)],
+                                                                                [dim("n", "kb")]]
+    operands = [[("m",), ("n",) if grad else features]] + weight + [[("c",)]]
+    replicated = ["kx", "kp", "c"] + ([] if s.row_view else ["kb", "o"])
     if s.nested:
-        operands += ["d", "e", "f"]
-        replicated += ("d", "e", "f")
+        operands += [[("d",)], [("e",)], [("f",)]]
+        replicated += ["d", "e", "f"]
     if s.has_bias:
-        operands.append("n")
-    rule = f"{', '.join(operands)} -> {out_factors}"
-    # Shardy wants the special factors listed in the order the rule first names them.
-    order = [f for f in rule.replace("(", " ").replace(")", " ").replace(",", " ").split() if f != "->"]
-    ordered = lambda factors: tuple(sorted(set(factors), key=order.index))  # noqa: E731
-    reduction = ordered(f for f in reduction if f not in replicated)
-    return rule, dict(reduction_factors=reduction, need_replication_factors=ordered(replicated + ("c",)), **sizes)
+        operands.append([("n",)])
+    result = [("m",), features if grad else ("n",)]
+    dims = [d for array in operands + [result] for d in array]
+    render = lambda array: " ".join(d[0] if len(d) == 1 else f"({' '.join(d)})" for d in array)  # noqa: E731
+    rule = f"{', '.join(render(a) for a in operands)} -> {render(result)}"
+    named = list(dict.fromkeys(f for d in dims for f in d))
+    standalone = {d[0] for d in dims if len(d) == 1}
+    # Shardy wants the special factors in the order the rule first names them.
+    ordered = lambda factors: tuple(sorted({f for f in factors if f in named}, key=named.index))  # noqa: E731
+    reduction = ordered(f for f in (("n",) if grad else ("kb",)) if f not in replicated)
+    return rule, dict(reduction_factors=reduction, need_replication_factors=ordered(replicated),
+                      **{f: sizes[f] for f in named if f not in standalone})
 
 
 def _forward_call(s: _Static4bit, x, *arrays):
@@ -168,7 +178,7 @@ _forward = custom_partitioning(_forward_call, static_argnums=(0,))
 _forward.def_partition(
     partition=_forward_partition,
     infer_sharding_from_operands=_forward_infer,
-    sharding_rule=lambda s, mesh, operands, results: _rule_4bit(s, "m (kb kx)", "m n", ("kb",)),
+    sharding_rule=lambda s, mesh, operands, results: _rule_4bit(s, grad=False),
 )
 
 
@@ -218,7 +228,7 @@ _grad = custom_partitioning(_grad_call, static_argnums=(0,))
 _grad.def_partition(
     partition=_grad_partition,
     infer_sharding_from_operands=_grad_infer,
-    sharding_rule=lambda s, mesh, operands, results: _rule_4bit(s, "m n", "m (kb kx)", ("n",)),
+    sharding_rule=lambda s, mesh, operands, results: _rule_4bit(s, grad=True),
 )
 
 

@@ -145,3 +145,23 @@ def test_embeddings_partition_without_gathering_the_table(mesh, data, spec):
     else:  # each device looks up its own rows; the looked-up rows (not the table) are summed
         assert {op for op, _ in found} == {"all-reduce"}, found
         assert all(shape.startswith(("u8[1,4,256]", "s8[1,4,512]", "f32[1,4")) for _, shape in found), found
+
+
+def test_a_split_through_the_rows_is_refused(monkeypatch):
+    kernel_standins.install(monkeypatch)
+    # 4 rows, flat bytes split 8 ways: half a row per device. The helper says why...
+    q = quantize_4bit(jax.random.normal(jax.random.key(0), (4, 64)), blocksize=64)
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    with pytest.raises(ValueError, match=r"out_features \(4\) split over mesh axis 'tp' \(size 8\) must be a "
+                                         r"multiple of 8; got 4"):
+        qs.quantized_shardings({"w": q}, [("w", P("tp"))], mesh)
+    # ... and placed by hand, the kernel branch refuses to compile it (never a wrong product).
+    placed = q.replace(packed=jax.device_put(q.packed, NamedSharding(mesh, P("tp"))))
+    x = jax.device_put(jnp.ones((2, 64)), NamedSharding(mesh, P()))
+    with pytest.raises(Exception, match="divisible|multiple of"):
+        jax.jit(lambda x, q: ops.matmul_4bit(x, q, backend="triton"))(x, placed)
+    # One absmax block a row (in_features == blocksize) splits by rows like any other weight.
+    q = quantize_4bit(jax.random.normal(jax.random.key(1), (64, 64)), blocksize=64)
+    placed = jax.device_put({"w": q}, qs.quantized_shardings({"w": q}, [("w", P("tp"))], mesh))["w"]
+    y = jax.jit(lambda x, q: ops.matmul_4bit(x, q, backend="triton"))(x, placed)
+    close(y, ops.matmul_4bit(jnp.ones((2, 64)), q, backend="xla"))
