@@ -42,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="llama_stack kinds (include bf16 for ratios)")
     parser.add_argument("--rows", default=",".join(map(str, DEFAULT_ROWS)))
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer 512-wide stack (CPU smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="a 512-wide stack of at most 2 layers (CPU smoke run)")
     parser.add_argument("--cpu-devices", type=int, default=0, help="run on N host CPU devices (sets XLA_FLAGS)")
     parser.add_argument("--target-s", type=float, default=0.2, help="seconds per timing sample")
     parser.add_argument("--budget-s", type=float, default=540)
@@ -122,7 +122,7 @@ def run(args) -> dict:
     if counts[-1] > len(devices):
         raise SystemExit(f"--devices asks for {counts[-1]} devices; {len(devices)} available")
     # tiny: 8 kv heads (any device count up to 8 splits whole heads), every split >= one absmax block.
-    shape = (ls.Shape(layers=2, hidden=512, kv=128, mlp=1024, head_dim=16, lora_rank=8) if args.tiny
+    shape = (ls.Shape(layers=min(args.layers, 2), hidden=512, kv=128, mlp=1024, head_dim=16, lora_rank=8) if args.tiny
              else ls.Shape(layers=args.layers))
     # bf16 first: the other kinds' rows compare with it.
     kinds = sorted({k for k in args.kinds.split(",") if k}, key=lambda k: (k != "bf16", args.kinds.index(k)))

@@ -17,10 +17,15 @@ def bench_tp():
     return module
 
 
-def test_tiny_tensor_parallel_run_on_8_cpu_devices(bench_tp, tmp_path):
+def test_tiny_tensor_parallel_run_on_8_cpu_devices(bench_tp, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(BENCH))
+    import bench_env
+
+    # The header's version probe imports torch, transformers and bitsandbytes: not what is tested here.
+    monkeypatch.setattr(bench_env, "versions", lambda: {})
     out = tmp_path / "tp.json"
-    bench_tp.main(["--cpu-devices", "8", "--tiny", "--kinds", "nf4_dq", "--rows", "1", "--devices", "1,8",
-                   "--target-s", "0.005", "--out", str(out)])
+    bench_tp.main(["--cpu-devices", "8", "--tiny", "--layers", "1", "--kinds", "nf4_dq", "--rows", "1",
+                   "--devices", "1,8", "--target-s", "0.005", "--out", str(out)])
     results = json.loads(out.read_text())
     assert results["env"]["NCCL_NVLS_ENABLE"] == "0" and results["device_counts"] == [1, 8]
     one, eight = sorted(results["rows"], key=lambda r: r["devices"])
