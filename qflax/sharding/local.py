@@ -111,22 +111,24 @@ def matmul_4bit_local(x: jax.Array, q: Packed4bit, spec: Any, bias: Optional[jax
     """
     out_axes, in_axes = _weight_axes(spec)
     local = local_weight(q, spec)
-    x, bias = _align(x, bias, out_axes)
     if not in_axes:
+        x, bias = _align(x, bias, out_axes)
         return ops.matmul_4bit(x, local, bias, compute_dtype=compute_dtype, backend=backend)
-    y = ops.matmul_4bit(x, local, None, compute_dtype=compute_dtype, backend=backend)
+    # Row-parallel: the bias joins once, after the sum (plain autodiff then sums its gradient).
+    y = ops.matmul_4bit(_vary(x, out_axes), local, None, compute_dtype=compute_dtype, backend=backend)
     return _add_bias(jax.lax.psum(y, in_axes), bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _llm_int8_split(x2, codes, scale, bias, threshold, batch_axes, in_axes):
-    """LLM.int8 of a slice of x's features against the matching weight columns, summed (XLA)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _llm_int8_split(x2, codes, scale, threshold, batch_axes, in_axes):
+    """float32 LLM.int8 product of a slice of x's features with the matching weight columns, summed (XLA)."""
     mask = int8_quant.outlier_mask(x2, threshold)
     if threshold > 0 and batch_axes:  # an outlier column anywhere is one everywhere (as on one device)
         mask = jax.lax.pmax(mask.astype(jnp.int32), batch_axes).astype(bool)
     x32 = x2.astype(jnp.float32)
     kept = jnp.where(jnp.abs(x32) >= threshold, jnp.float32(0), x32) if threshold > 0 else x32
-    row_absmax = jax.lax.pmax(jnp.max(jnp.abs(kept), axis=1), in_axes) if in_axes else jnp.max(jnp.abs(kept), axis=1)
+    row_absmax = jnp.max(jnp.abs(kept), axis=1)
+    row_absmax = jax.lax.pmax(row_absmax, in_axes) if in_axes else row_absmax
     x_codes = int8_quant.round_to_int8(kept * int8_quant.llm_int8_scale_factor(row_absmax)[:, None])
     if threshold > 0:
         x_codes = jnp.where(mask[None, :], jnp.int8(0), x_codes)
@@ -138,21 +140,19 @@ def _llm_int8_split(x2, codes, scale, bias, threshold, batch_axes, in_axes):
         outliers = jax.lax.dot_general(jnp.where(mask[None, :], x2, jnp.zeros((), x2.dtype)), w,
                                        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         out = out + (jax.lax.psum(outliers, in_axes) if in_axes else outliers)
-    return _add_bias(out, bias).astype(x2.dtype)
+    return out
 
 
-def _llm_int8_split_fwd(x2, codes, scale, bias, threshold, batch_axes, in_axes):
-    out = _llm_int8_split(x2, codes, scale, bias, threshold, batch_axes, in_axes)
-    return out, (codes, scale, bias, jnp.zeros((), x2.dtype))
+def _llm_int8_split_fwd(x2, codes, scale, threshold, batch_axes, in_axes):
+    return _llm_int8_split(x2, codes, scale, threshold, batch_axes, in_axes), (codes, scale, jnp.zeros((), x2.dtype))
 
 
 def _llm_int8_split_bwd(threshold, batch_axes, in_axes, residuals, g):
-    codes, scale, bias, marker = residuals
+    codes, scale, marker = residuals
     # G @ dequant(W) restricted to this device's columns: its slice of the input gradient.
     w = int8_quant.int8_vectorwise_dequant(codes, scale).astype(marker.dtype)
     grad_x = jnp.matmul(g.astype(marker.dtype), w, preferred_element_type=jnp.float32).astype(marker.dtype)
-    grad_bias = None if bias is None else jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
-    return grad_x, None, None, grad_bias  # the frozen weight gets no cotangent
+    return grad_x, None, None  # the frozen weight gets no cotangent
 
 
 _llm_int8_split.defvjp(_llm_int8_split_fwd, _llm_int8_split_bwd)
@@ -181,12 +181,15 @@ def matmul_8bit_local(x: jax.Array, w: Int8Rows, spec: Any, bias: Optional[jax.A
     """
     out_axes, in_axes = _weight_axes(spec)
     batch = axes_of(batch_axes)
-    x, bias = _align(x, bias, out_axes)
     if not in_axes and not (batch and threshold > 0):
+        x, bias = _align(x, bias, out_axes)
         return ops.matmul_8bit(x, w, bias, threshold=threshold, backend=backend)
+    x = _vary(x, out_axes)
     lead = x.shape[:-1]
-    out = _llm_int8_split(x.reshape(-1, x.shape[-1]), w.codes, w.scale, bias, float(threshold), batch, in_axes)
-    return out.reshape(*lead, w.codes.shape[0])
+    out = _llm_int8_split(x.reshape(-1, x.shape[-1]), w.codes, w.scale, float(threshold), batch, in_axes)
+    if bias is not None:  # once, after the sum; in float32 before the one rounding to x's dtype
+        out = out + bias.astype(jnp.float32)
+    return out.astype(x.dtype).reshape(*lead, w.codes.shape[0])
 
 
 def _vocab_lookup(ids: jax.Array, rows: int, vocab_axes: tuple, lookup) -> jax.Array:

@@ -177,37 +177,39 @@ def test_shard_map_helpers_match_one_device(mesh):
     float_params = nn.meta.unbox(FloatMLP().init(jax.random.key(0), x_data())["params"])
     nf4 = qs.to_row_view(qnn.quantize_params_4bit(float_params))["quantized"]
     int8 = qnn.quantize_params_8bit(float_params)["quantized"]
-    bias = float_params["up"]["bias"]
+    bias, out_bias = float_params["up"]["bias"], float_params["down"]["bias"]
     rules = [("up/weight", P("tp", None)), ("down/weight", P(None, "tp"))]
     x, ids = x_data(), jnp.array([[0, 3, 255], [9, 128, 256]])
     specs4, specs8 = qs.quantized_partition_specs(nf4, rules, mesh), qs.quantized_partition_specs(int8, rules, mesh)
 
-    def local(x, ids, nf4, int8, bias):
+    def local(x, ids, nf4, int8, bias, out_bias):
         h = jax.nn.relu(qs.matmul_4bit_local(x, nf4["up"]["weight"], P("tp", None), bias))
-        y4 = qs.matmul_4bit_local(h, nf4["down"]["weight"], P(None, "tp"))
+        y4 = qs.matmul_4bit_local(h, nf4["down"]["weight"], P(None, "tp"), out_bias)
         # up: no threshold (the op itself on its shard); down: outliers and the rows split over "dp".
         h8 = jax.nn.relu(qs.matmul_8bit_local(x, int8["up"]["weight"], P("tp", None), bias))
-        y8 = qs.matmul_8bit_local(h8, int8["down"]["weight"], P(None, "tp"), threshold=2.0, batch_axes="dp")
+        y8 = qs.matmul_8bit_local(h8, int8["down"]["weight"], P(None, "tp"), out_bias, threshold=2.0,
+                                  batch_axes="dp")
         e4 = qs.embed_4bit_local(ids, nf4["up"]["weight"], P("tp", None))
         e8 = qs.embed_8bit_local(ids, int8["up"]["weight"], P("tp", None))
         return y4, y8, e4, e8
 
-    def single(x, ids, nf4, int8, bias):
+    def single(x, ids, nf4, int8, bias, out_bias):
         h = jax.nn.relu(ops.matmul_4bit(x, nf4["up"]["weight"], bias))
         y8 = ops.matmul_8bit(jax.nn.relu(ops.matmul_8bit(x, int8["up"]["weight"], bias)),
-                             int8["down"]["weight"], threshold=2.0)
-        return (ops.matmul_4bit(h, nf4["down"]["weight"]), y8, ops.embed_4bit(ids, nf4["up"]["weight"]),
+                             int8["down"]["weight"], out_bias, threshold=2.0)
+        return (ops.matmul_4bit(h, nf4["down"]["weight"], out_bias), y8, ops.embed_4bit(ids, nf4["up"]["weight"]),
                 ops.embed_8bit(ids, int8["up"]["weight"]))
 
-    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("dp"), P(), specs4, specs8, P("tp")),
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("dp"), P(), specs4, specs8, P("tp"), P()),
                                     out_specs=(P("dp"), P("dp"), P(), P())))
-    got, want = sharded(x, ids, nf4, int8, bias), jax.jit(single)(x, ids, nf4, int8, bias)
+    args = (nf4, int8, bias, out_bias)
+    got, want = sharded(x, ids, *args), jax.jit(single)(x, ids, *args)
     for g, w in zip(got, want):
         close(g, w, rtol=1e-5) if np.isfinite(np.asarray(w)).all() else np.testing.assert_array_equal(
             np.isnan(np.asarray(g)), np.isnan(np.asarray(w)))
     assert np.isnan(np.asarray(got[2])[1, 2]).all() and np.isfinite(np.asarray(got[2])[0]).all()
     # Differentiable through the helpers (input gradient of both products).
     def loss(fn):
-        return lambda x, ids: sum(jnp.sum(y ** 2) for y in fn(x, ids, nf4, int8, bias)[:2])
+        return lambda x, ids: sum(jnp.sum(y ** 2) for y in fn(x, ids, *args)[:2])
 
     close(jax.jit(jax.grad(loss(sharded)))(x, ids), jax.jit(jax.grad(loss(single)))(x, ids), rtol=1e-4)
