@@ -165,3 +165,20 @@ def test_a_split_through_the_rows_is_refused(monkeypatch):
     placed = jax.device_put({"w": q}, qs.quantized_shardings({"w": q}, [("w", P("tp"))], mesh))["w"]
     y = jax.jit(lambda x, q: ops.matmul_4bit(x, q, backend="triton"))(x, placed)
     close(y, ops.matmul_4bit(jnp.ones((2, 64)), q, backend="xla"))
+
+
+@pytest.mark.skipif(not hasattr(jax.config, "jax_use_shardy_partitioner"), reason="this JAX has only Shardy")
+def test_kernel_rules_also_serve_the_gspmd_partitioner(mesh, data, monkeypatch):
+    recorder = kernel_standins.install(monkeypatch)
+    forward = mlp(lambda x, q, b: ops.matmul_4bit(x, q, b, backend="triton"))
+    want = jax.jit(mlp(lambda x, q, b: ops.matmul_4bit(x, q, b, backend="xla")))(data["x"], data["nf4"])
+    args = place(mesh, data["x"], data["nf4"])
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        compiled = jax.jit(forward).lower(*args).compile()
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+    close(compiled(*args), want)
+    check_one_psum(compiled, M // 2)
+    assert {(H // 4, K), (N, H // 4)} <= recorder.shapes("matmul_4bit")
