@@ -5,9 +5,12 @@ per-call host overhead (Python, dispatch, and for torch_compat the DLPack crossi
 figure is the median over repeats (interleaved across implementations) of the mean time of
 ``--calls`` back-to-back calls.
 
-Rows: torch_compat LinearNF4; bitsandbytes LinearNF4 in train mode (its dequantize + matmul path)
-and in eval mode (on AVX512-BF16 CPUs its packed bf16 kernel; on CUDA its gemv); plain
-torch ``nn.Linear`` as the floor. The baseline of the ratio is bitsandbytes' faster mode.
+Rows: torch_compat LinearNF4 as dispatched (on CUDA the direct path: the ``qflax::matmul_4bit``
+custom op launching the Triton kernel on the torch tensors; on CPU DLPack to JAX), and forced
+onto the DLPack path (``torch_compat.direct_path.dlpack_only``); bitsandbytes LinearNF4 in train
+mode (its dequantize + matmul path) and in eval mode (on AVX512-BF16 CPUs its packed bf16
+kernel; on CUDA its gemv); plain torch ``nn.Linear`` as the floor. The baseline of the ratio is
+bitsandbytes' faster mode; the summary row's ``path`` says which path torch_compat took.
 
 Usage:
   python benchmarks/bench_overhead.py [--device cpu|cuda] [--out benchmarks/results]
@@ -29,10 +32,8 @@ import warnings
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import torch_compat  # noqa: E402
-from torch_compat import bridge, forwards  # noqa: E402
+import torch_compat  # the installed package (the repository root on sys.path would shadow HF's `kernels`)
+from torch_compat import bridge, direct_path, forwards
 
 # 64x64: compute is negligible, the time is host overhead; larger shapes show where compute takes over.
 SHAPES = [(64, 64), (256, 256), (1024, 1024)]
@@ -65,6 +66,17 @@ def _time_per_call(layers: dict, x, calls: int, repeats: int, device: str) -> di
     return {name: statistics.median(values) for name, values in means.items()}
 
 
+class _DLPackOnly:
+    """Calls a torch_compat layer with the direct kernel path switched off."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x):
+        with direct_path.dlpack_only():
+            return self.layer(x)
+
+
 class _JaxCall:
     """Calls a JaxOp on the jax copy of the input, waiting for the result (as a torch call does)."""
 
@@ -84,6 +96,9 @@ def _layers(bnb, K: int, N: int, device: str):
     ours = torch_compat.nn.LinearNF4(K, N)
     ours.weight.data, ours.bias.data = weight.clone(), bias.clone()
     out["torch_compat.nn.LinearNF4"] = ours.to(device)
+    dlpack = torch_compat.nn.LinearNF4(K, N)
+    dlpack.weight.data, dlpack.bias.data = weight.clone(), bias.clone()
+    out["torch_compat.nn.LinearNF4 (DLPack)"] = _DLPackOnly(dlpack.to(device))
     if bnb is not None:
         for mode in ("train", "eval"):
             layer = bnb.nn.LinearNF4(K, N)
@@ -120,7 +135,10 @@ def main() -> None:
     with torch.no_grad():
         for K, N in SHAPES:
             x = torch.randn(1, K, device=args.device)
-            timings = _time_per_call(_layers(bnb, K, N, args.device), x, args.calls, args.repeats, args.device)
+            layers = _layers(bnb, K, N, args.device)
+            layers["torch_compat.nn.LinearNF4"](x)
+            taken = direct_path.last_path(direct_path.LINEAR_4BIT)
+            timings = _time_per_call(layers, x, args.calls, args.repeats, args.device)
             bnb_times = [t for name, t in timings.items() if name.startswith("bitsandbytes")]
             baseline = min(bnb_times) if bnb_times else None
             ours = timings["torch_compat.nn.LinearNF4"]
@@ -134,7 +152,10 @@ def main() -> None:
                 "dtype": "float32", "ours_us": round(ours, 2), "baseline": "bitsandbytes LinearNF4 (faster mode)",
                 "baseline_us": None if baseline is None else round(baseline, 2),
                 "ratio": None if baseline is None else round(baseline / ours, 3),
-                "path": "torch_compat -> DLPack -> jitted qflax matmul_4bit (XLA) -> DLPack",
+                "path": ("torch_compat direct: qflax::matmul_4bit custom op, Triton kernel on the torch tensors"
+                         if taken == direct_path.KERNEL
+                         else "torch_compat -> DLPack -> jitted qflax matmul_4bit -> DLPack"),
+                "dlpack_us": round(timings["torch_compat.nn.LinearNF4 (DLPack)"], 2),
             })
             print(f"K=N={K}: " + ", ".join(f"{k} {v:.1f} us" for k, v in timings.items()))
     device = _device_name(args.device)

@@ -7,6 +7,9 @@
 #   launch     benchmarks/bench_launch.py with and without XLA command buffers (launch-cb: with only)
 #   e2e        benchmarks/bench_e2e.py (E2E_ARGS overrides its arguments)
 #   tune       benchmarks/tune_4bit_tiles.py --planned (TUNE_ARGS)
+#   torch-tests  pytest -m gpu tests/torch_compat_kernels (torch_compat's direct kernel path)
+#   overhead   benchmarks/bench_overhead.py --device cuda (one small LinearNF4 call)
+#   generate   benchmarks/bench_torch_generate.py (GEN_ARGS overrides its arguments)
 # Wheels in .whl/ are installed to /tmp/site (jax-triton for the launch baseline, bitsandbytes).
 # Compile caches (Triton's and JAX's) travel as .cache/kernels.tar.gz and come back in $OUT.
 set -uo pipefail
@@ -49,6 +52,17 @@ PY
       ;;
     tune)
       (cd benchmarks && timeout 400 python3 tune_4bit_tiles.py ${TUNE_ARGS:---planned} --out "$OUT/tune.json" 2>&1 | tail -40)
+      ;;
+    torch-tests)
+      QFLAX_TORCH_DIRECT=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -m gpu -q -n 4 -p no:cacheprovider \
+        tests/torch_compat_kernels 2>&1 | tee "$OUT/torch_gpu_tests.log" | tail -25 || status=1
+      ;;
+    overhead)
+      QFLAX_TORCH_DIRECT=1 timeout 150 python3 benchmarks/bench_overhead.py --device cuda --out "$OUT" 2>&1 | grep -v Warning | tail -8
+      ;;
+    generate)
+      QFLAX_TORCH_DIRECT=1 timeout 540 python3 benchmarks/bench_torch_generate.py ${GEN_ARGS:-} --out "$OUT/torch_generate.json" 2>&1 \
+        | grep -v Warning | tail -30
       ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

@@ -5,8 +5,8 @@ launch itself (plan, argument order, outputs) comes from ``fourbit_launch``; the
 exactly one kernel, with no XLA op around it (split-K is reduced in the kernel, unused pointers
 reuse an input, every statistic is already float32 in the weight).
 
-vmap: batching x alone folds the batch into M (one launch); batching the weight or bias
-runs one launch per batch element (``lax.map``).
+vmap (``qflax_kernels.batching``): batching x alone folds the batch into M (one launch);
+batching the weight or bias runs one launch per batch element (``lax.map``).
 """
 
 import functools
@@ -15,22 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from qflax_kernels import fourbit_launch, fourbit_plan
+from qflax_kernels.batching import batched_launcher
 from qflax_kernels.triton_call import triton_call
 
 
 def sm_count() -> int:
     """Multiprocessors of the default device (the split-K policy's target)."""
     return getattr(jax.devices()[0], "core_count", None) or fourbit_plan.DEFAULT_SM_COUNT
-
-
-def _fold_x_rule(unbatched, axis_size, in_batched, x, *rest):
-    """custom_vmap rule: one launch with the batch folded into M when only x is batched."""
-    if not any(in_batched[1:]):
-        batch, m = x.shape[0], x.shape[1]
-        out = unbatched(x.reshape(batch * m, x.shape[2]), *rest)
-        return out.reshape(batch, m, out.shape[-1]), True
-    args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip((x, *rest), in_batched)]
-    return jax.lax.map(lambda a: unbatched(*a), tuple(args)), True
 
 
 def _f32(a):
@@ -50,9 +41,7 @@ def _matmul_fn(n: int, k: int, blocksize: int, nested: bool, has_bias: bool, ove
         out, _, _ = triton_call(spec, *fourbit_launch.matmul_inputs(x, weight, bias if has_bias else None))
         return out
 
-    batched = jax.custom_batching.custom_vmap(launch)
-    batched.def_vmap(functools.partial(_fold_x_rule, batched))
-    return batched
+    return batched_launcher(launch, (0,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,9 +55,7 @@ def _grad_input_fn(n: int, k: int, blocksize: int, nested: bool, override: tuple
         (out,) = triton_call(spec, g, *weight)
         return out
 
-    batched = jax.custom_batching.custom_vmap(launch)
-    batched.def_vmap(functools.partial(_fold_x_rule, batched))
-    return batched
+    return batched_launcher(launch, (0,))
 
 
 def _check(shape, blocksize, dtype):
@@ -113,7 +100,8 @@ def matmul_4bit(x, packed, absmax, quant_map, *, shape, blocksize, bias=None,
     weight = _weight_arrays(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset)
     fn = _matmul_fn(n, k, blocksize, nested_absmax is not None, bias is not None,
                     tuple(sorted((plan_override or {}).items())))
-    out = fn(x.reshape(-1, k), *weight, x if bias is None else bias)
+    # Without a bias the slot gets a weight array (never read), so a batch of x alone still folds into M.
+    out = fn(x.reshape(-1, k), *weight, weight[1] if bias is None else bias)
     return out.reshape(*lead, n)
 
 

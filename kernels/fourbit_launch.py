@@ -77,9 +77,14 @@ def matmul_launch(m: int, n: int, k: int, blocksize: int, *, x_dtype: str, neste
         extra["USE_ASM"] = (not is_interpreted(kernel)) if use_asm is None else bool(use_asm)
     tiles = plan.grid[0] * (plan.grid[1] if len(plan.grid) == 3 else 1)
     outputs = (Output((m, n), x_dtype),) + _split_outputs(plan.split_k, m * n, tiles)
+    # The word gemv (decode) without split-K runs through XLA's own Triton pipeline: launched as
+    # an XLA kernel it costs no more per call than an XLA op (H200: 0.8 against 2.1 us chained).
+    # XLA's Triton crashes (segfault, jaxlib 0.11.2) compiling the in-kernel split-K reduction
+    # (atomics), so split launches and the tensor-core kernel keep jaxlib's kernel-call custom call.
     return make_launch(kernel, plan.grid, num_warps=plan.num_warps, num_stages=plan.num_stages,
                        constexprs={**common, **extra}, scalars=scalars, outputs=outputs,
-                       name=f"qflax_4bit_{plan.kernel}")
+                       name=f"qflax_4bit_{plan.kernel}",
+                       xla_pipeline=plan.kernel == "word_gemv" and plan.split_k == 1)
 
 
 def grad_input_launch(m: int, n: int, k: int, blocksize: int, *, g_dtype: str, nested: bool,

@@ -16,25 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from qflax_kernels import int8_specs
+from qflax_kernels.batching import batched_launcher
 from qflax_kernels.triton_call import triton_call
-
-_FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-
-
-def _fold_or_map(fn, foldable, axis_size, in_batched, args):
-    """Batching rule body: fold the leading batch axis of the ``foldable`` args into their rows.
-
-    Folding is valid when only the ``foldable`` arguments (activations and their per-row data)
-    carry the batch; otherwise each batch element gets its own launch.
-    """
-    if all(b == (i in foldable) for i, b in enumerate(in_batched)) and any(in_batched):
-        folded = [a.reshape((-1,) + a.shape[2:]) if i in foldable else a for i, a in enumerate(args)]
-        out = fn(*folded)
-        return jax.tree.map(lambda o: o.reshape((axis_size, -1) + o.shape[1:]), out), jax.tree.map(lambda _: True, out)
-    batched = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
-    out = jax.lax.map(lambda xs: fn(*xs), batched)
-    return out, jax.tree.map(lambda _: True, out)
-
 
 @functools.lru_cache(maxsize=None)
 def _gemm_fn(out_dtype, has_bias: bool, b_scale_global: bool, has_outliers: bool, outlier_w_float: bool, config_key):
@@ -51,14 +34,8 @@ def _gemm_fn(out_dtype, has_bias: bool, b_scale_global: bool, has_outliers: bool
         (out,) = triton_call(spec, a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float)
         return out
 
-    fn = jax.custom_batching.custom_vmap(launch)
-
-    @fn.def_vmap
-    def _rule(axis_size, in_batched, *args):
-        # a, a_scale (and x with outliers) hold activations; the rest belongs to the weight or the outlier set.
-        return _fold_or_map(launch, (0, 2, 5) if has_outliers else (0, 2), axis_size, in_batched, args)
-
-    return fn
+    # a, a_scale (and x with outliers) hold activations; the rest belongs to the weight or the outlier set.
+    return batched_launcher(launch, (0, 2, 5) if has_outliers else (0, 2))
 
 
 def int8_matmul_dequant(
@@ -118,13 +95,7 @@ def _rows_fn(threshold: float, llm_int8_scale: bool):
         # Without outliers the mask pointer is not read: x stands in for it.
         return triton_call(spec, x, col_mask[0] if col_mask else x)
 
-    fn = jax.custom_batching.custom_vmap(launch)
-
-    @fn.def_vmap
-    def _rule(axis_size, in_batched, *args):
-        return _fold_or_map(launch, (0,), axis_size, in_batched, args)
-
-    return fn
+    return batched_launcher(launch, (0,))
 
 
 def quantize_rowwise(
@@ -153,14 +124,8 @@ def _scaled_fn(per_column: bool, transpose: bool):
         (codes,) = triton_call(int8_specs.scaled_launch(M, N, per_column=per_column, transpose=transpose), x, absmax)
         return codes, absmax
 
-    fn = jax.custom_batching.custom_vmap(launch)
-
-    @fn.def_vmap
-    def _rule(axis_size, in_batched, x):
-        # A column or global absmax spans all rows of one element: never fold, launch per element.
-        return _fold_or_map(launch, (), axis_size, in_batched, (x,))
-
-    return fn
+    # A column or global absmax spans all rows of one element: never fold, launch per element.
+    return batched_launcher(launch, ())
 
 
 def quantize_columnwise_and_transpose(x: jax.Array) -> tuple[jax.Array, jax.Array]:

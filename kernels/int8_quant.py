@@ -3,7 +3,9 @@
 All compute ``codes = rne(x * (127 / absmax))`` in float32 with the division correctly rounded
 (``div_rn``) -- or, for LLM.int8, ``127 * (1 / absmax)`` as bitsandbytes does -- and give an
 all-zero row/column/tensor scale 0 and codes 0, exactly as the XLA references in
-``qflax.quant.int8`` and ``qflax.quant.switchback``. Round half to even uses the
+``qflax.quant.int8`` and ``qflax.quant.switchback``, including their rule for non-finite and
+extreme values (``qflax.quant.scaling``: a unit holding NaN/Inf gets scale NaN and codes 0; a
+statistic outside [2**-64, 2**64] is rescaled by an exact power of two first). Round half to even uses the
 float32 ``(y + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact for ``|y| < 2**22``; ours are <= 127),
 which behaves the same on the GPU and in Triton's interpreter. The launchers compile these
 kernels with floating-point contraction off: an FMA of ``x * scale + 1.5 * 2**23`` would skip
@@ -12,8 +14,8 @@ the product's rounding and flip codes next to halves.
 Row-wise reads the float tensor once: one program holds whole rows in registers (``K`` up to
 :data:`MAX_ROW_K`). Column-wise and global scales need a reduction over the whole tensor before
 any code can be written, so they take two passes: :func:`absmax_kernel` (tile maxima combined
-with ``atomic_max`` into a zero-initialised float32 buffer; absolute values are >= 0, so float
-max order is the integer order) and :func:`quantize_scaled_kernel` (reads again, writes codes,
+with an integer ``atomic_max`` on the bits of a zero-initialised float32 buffer; absolute values
+are >= 0, so float max order is the integer order, and a NaN ranks above them all) and :func:`quantize_scaled_kernel` (reads again, writes codes,
 transposed if asked). These run on weights, which are small next to activations.
 """
 
@@ -23,18 +25,44 @@ import triton.language as tl
 # Longest row the single-pass row quantizer holds in registers.
 MAX_ROW_K = 32768
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+# qflax.quant.scaling's rule: a statistic outside [2**-64, 2**64] is rescaled by an exact power
+# of two first, so 1/absmax and 127/absmax stay normal float32 numbers.
+_LIMIT = tl.constexpr(2.0**64)
+_INV_LIMIT = tl.constexpr(2.0**-64)
 
 
 @triton.jit
-def _scale_from_absmax(absmax, RECIPROCAL_SCALE: tl.constexpr = False):
-    safe = tl.where(absmax == 0.0, 1.0, absmax)
+def _finite(x):
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def _absmax(x, axis: tl.constexpr):
+    """float32 max |x| over ``axis``, NaN where the reduced values hold a NaN or +-Inf.
+
+    Explicit, not left to the max reduction: the GPU's max drops NaN, the interpreter's keeps it.
+    """
+    finite = _finite(x)
+    largest = tl.max(tl.abs(tl.where(finite, x, 0.0)), axis=axis)
+    bad = tl.max(tl.where(finite, 0, 1), axis=axis)
+    return tl.where(bad > 0, float("nan"), largest)
+
+
+@triton.jit
+def _scaled_codes(x, absmax, RECIPROCAL_SCALE: tl.constexpr = False):
+    """int8 codes of ``x`` against its unit's ``absmax`` (broadcast), 0 where absmax is 0 or NaN."""
+    factor = tl.where(absmax > _LIMIT, _INV_LIMIT, 1.0)
+    factor = tl.where((absmax < _INV_LIMIT) & (absmax > 0.0), _LIMIT, factor)
+    usable = absmax > 0.0
+    safe = tl.where(usable, absmax * factor, 1.0)
     if RECIPROCAL_SCALE:
         # bitsandbytes' LLM.int8 scale: 127 * (1 / absmax), the reciprocal rounded first.
         # Explicit float32 operands: Triton's interpreter would otherwise widen the literal.
         scale = tl.full(safe.shape, 127.0, tl.float32) * tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
     else:
         scale = tl.math.div_rn(tl.full(safe.shape, 127.0, tl.float32), safe)
-    return tl.where(absmax == 0.0, 0.0, scale)
+    codes = _round_to_int8(tl.where(usable, (x * factor) * scale, 0.0))
+    return tl.where(usable, codes, 0).to(tl.int8)
 
 
 @triton.jit
@@ -66,8 +94,8 @@ def quantize_rows_kernel(
         # LLM.int8 with outliers: outlier elements leave the row absmax and round to 0, then the
         # codes of every outlier column are zeroed (their products run in float instead).
         x = tl.where(tl.abs(x) >= THRESHOLD, 0.0, x)
-    absmax = tl.max(tl.abs(x), axis=1)
-    codes = _round_to_int8(x * _scale_from_absmax(absmax, RECIPROCAL_SCALE)[:, None])
+    absmax = _absmax(x, 1)
+    codes = _scaled_codes(x, absmax[:, None], RECIPROCAL_SCALE)
     if HAS_MASK:
         zeroed = tl.load(col_mask_ptr + rk, mask=rk < K, other=0)
         codes = tl.where(zeroed[None, :] != 0, 0, codes).to(tl.int8)
@@ -89,15 +117,23 @@ def absmax_kernel(
     row0 = tl.program_id(0) * ROWS_PER_PROGRAM
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     running = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
         rm = row0 + i + tl.arange(0, BLOCK_M)
         ok = (rm < M)[:, None] & (rn < N)[None, :]
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=ok, other=0.0)
-        running = tl.maximum(running, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+        finite = _finite(x)
+        running = tl.maximum(running, tl.max(tl.abs(tl.where(finite, x, 0.0)), axis=0))
+        bad = tl.maximum(bad, tl.max(tl.where(finite, 0, 1), axis=0))
+    # A non-finite value makes its column (or the tensor) NaN. The maxima are combined as int32
+    # bits: for non-negative floats the integer order is the float order, and a positive NaN
+    # is above them all. (Triton's float atomic_max skips NaN: it is neither >= 0 nor < 0.)
     if PER_COLUMN:
-        tl.atomic_max(out_ptr + rn, running, mask=rn < N)
+        value = tl.where(bad > 0, float("nan"), running)
+        tl.atomic_max(out_ptr.to(tl.pointer_type(tl.int32)) + rn, value.to(tl.int32, bitcast=True), mask=rn < N)
     else:
-        tl.atomic_max(out_ptr, tl.max(running, axis=0))
+        value = tl.where(tl.max(bad, axis=0) > 0, float("nan"), tl.max(running, axis=0))
+        tl.atomic_max(out_ptr.to(tl.pointer_type(tl.int32)), value.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -120,7 +156,7 @@ def quantize_scaled_kernel(
         absmax = tl.load(absmax_ptr + rn, mask=rn < N, other=0.0)
     else:
         absmax = tl.load(absmax_ptr + tl.zeros((BLOCK_N,), dtype=tl.int32))
-    codes = _round_to_int8(x * _scale_from_absmax(absmax)[None, :])
+    codes = _scaled_codes(x, absmax[None, :])
     if TRANSPOSE:
         tl.store(codes_ptr + rn.to(tl.int64)[None, :] * M + rm[:, None], codes, mask=ok)
     else:

@@ -48,6 +48,9 @@ class Launch:
       name: a readable name for profiles and error messages.
       enable_fp_fusion: let the compiler contract multiply-adds (off where bit-exact rounding
         against a reference matters, e.g. the quantizers).
+      xla_pipeline: the kernel is known to compile and run correctly through XLA's own Triton
+        pipeline (``triton_call``'s ``__gpu$xla.gpu.triton`` target, launched like an XLA kernel);
+        others use jaxlib's kernel-call custom call.
     """
 
     kernel: Any
@@ -59,6 +62,7 @@ class Launch:
     outputs: tuple
     name: str
     enable_fp_fusion: bool = True
+    xla_pipeline: bool = False
 
     def __post_init__(self):
         if not 1 <= len(self.grid) <= 3 or any(int(g) < 1 for g in self.grid):
@@ -108,7 +112,7 @@ def kernel_arg_names(kernel) -> tuple:
 
 
 def make_launch(kernel, grid, *, num_warps: int, num_stages: int, constexprs: dict, outputs, name: str,
-                scalars: dict | None = None, enable_fp_fusion: bool = True) -> Launch:
+                scalars: dict | None = None, enable_fp_fusion: bool = True, xla_pipeline: bool = False) -> Launch:
     """Builds a :class:`Launch` with its dicts frozen into sorted-by-signature tuples (hashable)."""
     order = {n: i for i, n in enumerate(kernel_arg_names(kernel))}
     missing = [n for n in list(constexprs) + list(scalars or {}) if n not in order]
@@ -118,4 +122,4 @@ def make_launch(kernel, grid, *, num_warps: int, num_stages: int, constexprs: di
         kernel=kernel, grid=tuple(int(g) for g in grid), num_warps=int(num_warps), num_stages=int(num_stages),
         constexprs=tuple(sorted(constexprs.items(), key=lambda kv: order[kv[0]])),
         scalars=tuple(sorted(((k, int(v)) for k, v in (scalars or {}).items()), key=lambda kv: order[kv[0]])),
-        outputs=tuple(outputs), name=name, enable_fp_fusion=enable_fp_fusion)
+        outputs=tuple(outputs), name=name, enable_fp_fusion=enable_fp_fusion, xla_pipeline=xla_pipeline)

@@ -6,14 +6,19 @@ and pays a host launch (measured on an H200: 4.6 µs per call chained in one jit
 for an XLA op). jaxlib newer than 0.10 registers a typed-FFI target, ``triton_kernel_call_ffi``,
 marked command-buffer compatible, which takes the same compressed kernel-call proto as an
 ``opaque`` attribute. This module compiles the kernel with Triton itself (PTX for the device's
-compute capability), builds that proto with jaxlib's ``gpu_triton`` bindings, and emits:
+compute capability), builds that proto with jaxlib's ``gpu_triton`` bindings, and emits one of:
 
-- ``triton_kernel_call_ffi`` where jaxlib registers it (captured by XLA's command buffers),
-- the legacy ``triton_kernel_call`` otherwise (jaxlib 0.10.x): same kernel, not captured.
+- ``__gpu$xla.gpu.triton`` (what Pallas emits) for launches marked ``xla_pipeline``: XLA compiles
+  the kernel's Triton IR with its own Triton and launches it as one of its kernels, at the cost
+  of an XLA op (H200: 0.8 µs chained, like Pallas). Only kernels validated there use it: XLA's
+  Triton differs from the installed one (it crashed compiling the 4-bit tensor-core kernel).
+- ``triton_kernel_call_ffi`` where jaxlib registers it: captured by XLA's command buffers as a
+  traced command (H200: 2.1 µs chained),
+- the legacy ``triton_kernel_call`` otherwise (jaxlib 0.10.x): same kernel, not captured (4.4 µs).
 
-``QFLAX_TRITON_CUSTOM_CALL=ffi|legacy`` forces one (benchmarks compare them). On CPU the
-primitive runs the kernel in Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernel
-modules are imported), so the CI tests drive the very launcher the GPU uses.
+``QFLAX_TRITON_CUSTOM_CALL=ffi|legacy|xla`` forces one for every launch (benchmarks compare
+them). On CPU the primitive runs the kernel in Triton's interpreter (``TRITON_INTERPRET=1`` set
+before the kernel modules are imported), so the CI tests drive the very launcher the GPU uses.
 
 The primitive has no autodiff or batching rules of its own: the ops in ``qflax.ops`` wrap it in
 ``jax.custom_vjp`` and the launchers in ``jax.custom_batching.custom_vmap``.
@@ -116,8 +121,14 @@ def ffi_target_available() -> bool:
 TARGETS = {"ffi": FFI_TARGET, "legacy": LEGACY_TARGET, "xla": XLA_TRITON_TARGET}
 
 
-def custom_call_target() -> str:
-    """The custom-call target this process emits: ``QFLAX_TRITON_CUSTOM_CALL``, else FFI when available."""
+def custom_call_target(launch: Launch | None = None) -> str:
+    """The custom call a launch lowers to.
+
+    ``QFLAX_TRITON_CUSTOM_CALL`` ("ffi", "legacy", "xla") forces one for every launch; otherwise
+    launches marked ``xla_pipeline`` go through XLA's own Triton pipeline and the others through
+    jaxlib's FFI kernel call where this jaxlib registers it (command-buffer capturable), else
+    through the legacy one.
+    """
     forced = os.environ.get(CUSTOM_CALL_ENV, "").strip().lower()
     if forced not in ("", *TARGETS):
         raise ValueError(f"{CUSTOM_CALL_ENV} must be one of {sorted(TARGETS)}, got {forced!r}")
@@ -125,6 +136,8 @@ def custom_call_target() -> str:
         raise RuntimeError(f"{CUSTOM_CALL_ENV}=ffi, but this jaxlib does not register {FFI_TARGET}")
     if forced:
         return TARGETS[forced]
+    if launch is not None and launch.xla_pipeline:
+        return XLA_TRITON_TARGET
     return FFI_TARGET if ffi_target_available() else LEGACY_TARGET
 
 
@@ -230,7 +243,7 @@ def _gpu_lowering(ctx, *operands, launch):
     from jax._src.lib.mlir import ir
 
     result_types = [ir.RankedTensorType.get(a.shape, mlir.dtype_to_ir_type(a.dtype)) for a in ctx.avals_out]
-    target = custom_call_target()
+    target = custom_call_target(launch)
     if target == XLA_TRITON_TARGET:
         return _xla_triton_call(ctx, operands, launch, result_types)
     opaque = kernel_call_proto(launch, ctx.avals_in)

@@ -13,25 +13,23 @@ import json
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from qflax.quant import codebooks, validation
-from qflax.quant.fourbit import NESTED_BLOCKSIZE, Packed4bit
+from qflax import checkpoint_checks as checks
+from qflax import checkpoint_checks_4bit as checks_4bit
+from qflax.checkpoint_checks import to_numpy
+from qflax.quant import codebooks
+from qflax.quant.fourbit import Packed4bit
 from qflax.quant.int8 import Int8Rows
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__"
 WEIGHT_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
-_SUFFIXES_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
-
-def to_numpy(value: Any) -> np.ndarray:
-    """A numpy view of a numpy/jax array or CPU torch tensor (non-uint8 torch storage viewed as bytes is kept)."""
-    if hasattr(value, "detach") and hasattr(value, "numpy"):  # torch.Tensor, without importing torch
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        return value.numpy()
-    return np.asarray(value)
+__all__ = [
+    "QUANT_STATE_KEY", "WEIGHT_FORMATS", "from_bnb_int8_state_dict", "from_bnb_state_dict", "quant_state_json",
+    "read_quant_state", "to_bnb_int8_state_dict", "to_bnb_state_dict", "to_numpy", "weight_format_name",
+]
 
 
 def _packed_bytes(value: Any) -> np.ndarray:
@@ -42,6 +40,12 @@ def _packed_bytes(value: Any) -> np.ndarray:
         return value.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1, 1)
     arr = np.ascontiguousarray(np.asarray(value))
     return arr.view(np.uint8).reshape(-1, 1)
+
+
+def _storage_view(packed: np.ndarray, storage: str) -> np.ndarray:
+    """The packed bytes viewed as the checkpoint's storage dtype, shape ``(k, 1)`` (bitsandbytes' layout)."""
+    dtype = ml_dtypes.bfloat16 if storage == "bfloat16" else np.dtype(storage)
+    return np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1).view(dtype).reshape(-1, 1).copy()
 
 
 def quant_state_json(q: Packed4bit) -> bytes:
@@ -62,12 +66,12 @@ def to_bnb_state_dict(q: Packed4bit, prefix: str = "weight") -> dict[str, np.nda
       prefix: the weight's key, e.g. ``"weight"`` or ``"model.layers.0.q_proj.weight"``.
 
     Returns:
-      ``{prefix: uint8 ((n+1)//2, 1), prefix.absmax, prefix.quant_map,
-      [prefix.nested_absmax, prefix.nested_quant_map], prefix.quant_state.bitsandbytes__<type>}``
-      as numpy arrays with bitsandbytes' dtypes and shapes.
+      ``{prefix: ((n+1)//2 // itemsize, 1) of q.quant_storage (uint8 by default), prefix.absmax,
+      prefix.quant_map, [prefix.nested_absmax, prefix.nested_quant_map],
+      prefix.quant_state.bitsandbytes__<type>}`` as numpy arrays with bitsandbytes' dtypes and shapes.
     """
     out = {
-        prefix: np.array(q.packed, dtype=np.uint8),
+        prefix: _storage_view(np.asarray(q.packed), q.quant_storage),
         f"{prefix}.absmax": np.array(q.absmax),
         f"{prefix}.quant_map": np.array(q.quant_map, dtype=np.float32),
     }
@@ -78,48 +82,35 @@ def to_bnb_state_dict(q: Packed4bit, prefix: str = "weight") -> dict[str, np.nda
     return out
 
 
-def _require(d: Mapping[str, Any], key: str) -> Any:
-    if key not in d:
-        raise KeyError(f"state dict is missing the key {key!r}")
-    return d[key]
+def read_quant_state(d: Mapping[str, Any], prefix: str) -> tuple[str, checks_4bit.Layout4bit]:
+    """The key and checked layout of the one ``<prefix>.quant_state.bitsandbytes__<type>`` entry of ``d``.
 
-
-def _check_array(arr: np.ndarray, key: str, shape: tuple, dtype: str) -> None:
-    if tuple(arr.shape) != shape or arr.dtype.name != dtype:
-        raise ValueError(
-            f"state dict entry {key!r} must be {dtype} of shape {shape}, got {arr.dtype.name} {tuple(arr.shape)}"
-        )
-
-
-def _read_quant_state(d: Mapping[str, Any], prefix: str) -> tuple[str, dict]:
+    Raises:
+      MissingEntryError: there is not exactly one such entry.
+      CheckpointError: its quant type is unknown or its JSON is bad (see :mod:`qflax.checkpoint_checks_4bit`).
+    """
     state_keys = [k for k in d if k.startswith(f"{prefix}.{QUANT_STATE_KEY}")]
     if len(state_keys) != 1:
-        raise KeyError(
+        raise checks.MissingEntryError(
             f"state dict must hold exactly one key {prefix}.{QUANT_STATE_KEY}nf4 or ...fp4, found {state_keys}"
         )
     key = state_keys[0]
     quant_type = key[len(f"{prefix}.{QUANT_STATE_KEY}") :]
-    validation.check_choice(quant_type, codebooks.QUANT_TYPES, f"quant_type in key {key!r}")
-    try:
-        meta = json.loads(to_numpy(d[key]).astype(np.uint8).tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"state dict entry {key!r} is not valid UTF-8 JSON: {err}") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"state dict entry {key!r} must hold a JSON object, got {type(meta).__name__}")
-    for field in ("quant_type", "blocksize", "dtype", "shape"):
-        if field not in meta:
-            raise ValueError(f"state dict entry {key!r} lacks the JSON field {field!r}")
-    if meta["quant_type"] != quant_type:
-        raise ValueError(f"{key!r} says quant_type {meta['quant_type']!r} but its key names {quant_type!r}")
-    return key, meta
+    if quant_type not in codebooks.QUANT_TYPES:
+        raise checks.CheckpointError(
+            f"quant_type in key {key!r} must be one of {codebooks.QUANT_TYPES}, got {quant_type!r}"
+        )
+    return key, checks_4bit.parse_quant_state(d[key], key, quant_type)[1]
 
 
 def from_bnb_state_dict(d: Mapping[str, Any], prefix: str = "weight") -> Packed4bit:
     """Reads a 4-bit weight saved by bitsandbytes (or by :func:`to_bnb_state_dict`).
 
-    The stored ``quant_map`` and ``nested_quant_map`` are used as they are (a CPU-made
-    checkpoint's nested map has -1.0 in entry 0; it is honoured). Keys of other weights in
-    ``d`` are ignored.
+    Every entry is checked against the quant state before anything is built (see
+    :mod:`qflax.checkpoint_checks_4bit`). The stored ``quant_map`` and ``nested_quant_map`` are
+    used as they are (a CPU-made checkpoint's nested map has -1.0 in entry 0; it is honoured).
+    The packed data's storage dtype (quant_storage) is kept in ``Packed4bit.quant_storage``.
+    Keys of other weights in ``d`` are ignored.
 
     Args:
       d: a mapping from keys to arrays/tensors (a whole model's state dict is fine).
@@ -129,51 +120,30 @@ def from_bnb_state_dict(d: Mapping[str, Any], prefix: str = "weight") -> Packed4
       The :class:`Packed4bit`.
 
     Raises:
-      KeyError: a required entry is missing.
-      ValueError: bad JSON, unknown quant type/dtype/blocksize, unknown keys under the
-        prefix, or a shape/dtype mismatch.
+      KeyError (MissingEntryError): a required entry is missing.
+      ValueError (CheckpointError): bad JSON, unknown quant type/dtype/blocksize, unknown keys
+        under the prefix, a shape/dtype mismatch (TypeError too), or bad statistics/tables.
     """
-    state_key, meta = _read_quant_state(d, prefix)
-    quant_type = meta["quant_type"]
-    validation.check_choice(meta["blocksize"], validation.BLOCKSIZES_4BIT, "blocksize (checkpoint)")
-    validation.check_choice(meta["dtype"], validation.FLOAT_DTYPES, "dtype (checkpoint)")
-    shape = tuple(int(s) for s in meta["shape"])
-    n = int(np.prod(shape, dtype=np.int64))
-    nblocks = -(-n // meta["blocksize"])
-    nested = "nested_offset" in meta
-    known = {prefix, state_key} | {f"{prefix}.{s}" for s in _SUFFIXES_4BIT}
-    unknown = [k for k in d if k.startswith(f"{prefix}.") and k not in known]
-    if unknown:
-        raise ValueError(f"unexpected keys under {prefix!r}: {unknown}")
-
-    packed = _packed_bytes(_require(d, prefix))
-    _check_array(packed, prefix, ((n + 1) // 2, 1), "uint8")
-    absmax = to_numpy(_require(d, f"{prefix}.absmax"))
-    _check_array(absmax, f"{prefix}.absmax", (nblocks,), "uint8" if nested else "float32")
-    quant_map = to_numpy(_require(d, f"{prefix}.quant_map"))
-    _check_array(quant_map, f"{prefix}.quant_map", (16,), "float32")
+    state_key, layout = read_quant_state(d, prefix)
+    stats = {k[len(prefix) + 1 :]: v for k, v in d.items() if k.startswith(f"{prefix}.") and k != state_key}
+    raw_packed = checks.require(d, prefix)
+    checks_4bit.check_4bit_entries(layout, stats, prefix, packed=raw_packed)
     fields = dict(
-        packed=jnp.asarray(packed),
-        absmax=jnp.asarray(absmax),
-        quant_map=jnp.asarray(quant_map),
-        shape=shape,
-        dtype=meta["dtype"],
-        blocksize=int(meta["blocksize"]),
-        quant_type=quant_type,
+        packed=jnp.asarray(_packed_bytes(raw_packed)),
+        absmax=jnp.asarray(to_numpy(stats["absmax"])),
+        quant_map=jnp.asarray(to_numpy(stats["quant_map"])),
+        shape=tuple(layout.shape),
+        dtype=layout.dtype,
+        blocksize=layout.blocksize,
+        quant_type=layout.quant_type,
+        quant_storage=checks.dtype_name(raw_packed),
     )
-    if nested:
-        nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
-        nested_absmax = to_numpy(_require(d, f"{prefix}.nested_absmax"))
-        _check_array(nested_absmax, f"{prefix}.nested_absmax", (-(-nblocks // nested_blocksize),), "float32")
-        nested_map = to_numpy(_require(d, f"{prefix}.nested_quant_map"))
-        _check_array(nested_map, f"{prefix}.nested_quant_map", (256,), "float32")
-        if meta.get("nested_dtype", "float32") != "float32":
-            raise ValueError(f"nested_dtype must be 'float32', got {meta['nested_dtype']!r}")
+    if layout.nested:
         fields.update(
-            nested_absmax=jnp.asarray(nested_absmax),
-            nested_quant_map=jnp.asarray(nested_map),
-            nested_offset=jnp.asarray(np.float32(meta["nested_offset"])),
-            nested_blocksize=nested_blocksize,
+            nested_absmax=jnp.asarray(to_numpy(stats["nested_absmax"])),
+            nested_quant_map=jnp.asarray(to_numpy(stats["nested_quant_map"])),
+            nested_offset=jnp.asarray(np.float32(layout.nested_offset)),
+            nested_blocksize=layout.nested_blocksize,
         )
     return Packed4bit(**fields)
 
@@ -200,7 +170,12 @@ def weight_format_name(value: Any) -> str:
     if isinstance(value, str):
         name = value
     else:
-        code = int(to_numpy(value).reshape(()).item())
+        arr = to_numpy(value)
+        if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise checks.CheckpointTypeError(
+                f"weight_format must be a 0-dim integer (0 = 'row') or a format name, got {arr.dtype.name} {arr.shape}"
+            )
+        code = int(arr.reshape(()).item())
         if code not in WEIGHT_FORMATS:
             raise ValueError(f"Expected supported weight format - got {code}")
         name = WEIGHT_FORMATS[code]
@@ -209,17 +184,21 @@ def weight_format_name(value: Any) -> str:
     return name
 
 
-def from_bnb_int8_state_dict(d: Mapping[str, Any], module_prefix: str = "") -> Int8Rows:
+def from_bnb_int8_state_dict(d: Mapping[str, Any], module_prefix: str = "", shape: tuple | None = None) -> Int8Rows:
     """Reads a bitsandbytes 8-bit weight (``weight`` int8, ``SCB``, optional ``weight_format``).
 
+    Args:
+      d: a mapping from keys to arrays/tensors.
+      module_prefix: the layer's key prefix, e.g. ``"fc."``.
+      shape: the target's ``(out, in)``, or None.
+
     Raises:
-      KeyError: ``weight`` or ``SCB`` is missing.
-      ValueError: weight_format is not "row", wrong dtypes, or SCB length != weight rows.
+      KeyError (MissingEntryError): ``weight`` or ``SCB`` is missing.
+      ValueError (CheckpointError): weight_format is not "row", wrong dtypes (TypeError too),
+        SCB length != weight rows, a negative SCB, or another shape than ``shape``.
     """
     weight_format_name(d.get(f"{module_prefix}weight_format", "row"))
-    codes = to_numpy(_require(d, f"{module_prefix}weight"))
-    scale = to_numpy(_require(d, f"{module_prefix}SCB"))
-    if codes.dtype != np.int8 or codes.ndim != 2:
-        raise ValueError(f"{module_prefix}weight must be a 2-D int8 array, got {codes.dtype} {codes.shape}")
-    _check_array(scale, f"{module_prefix}SCB", (codes.shape[0],), "float32")
-    return Int8Rows(codes=jnp.asarray(codes), scale=jnp.asarray(scale))
+    codes = checks.require(d, f"{module_prefix}weight")
+    scale = checks.require(d, f"{module_prefix}SCB")
+    checks.check_int8_entries(codes, scale, module_prefix, shape)
+    return Int8Rows(codes=jnp.asarray(to_numpy(codes)), scale=jnp.asarray(to_numpy(scale)))

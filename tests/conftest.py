@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
     """Skips `gpu`-marked tests unless JAX runs on a GPU."""
     if jax.default_backend() == "gpu":
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with jax-triton (run `pytest -m gpu` on the GPU machine)")
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with triton (run `pytest -m gpu` on the GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional, Sequence  # noqa: E402
 import jax  # noqa: E402
 import torch  # noqa: E402
 
+from torch_compat import forwards  # noqa: E402
+
 # DLPack device types (dlpack.h): the only two torch_compat moves data between.
 _DL_CPU, _DL_CUDA = 1, 2
 
@@ -81,7 +83,12 @@ class _Importer:
 
 _import_tensor = _Importer()
 
+# torch.compile cannot trace DLPack or JAX: every function that crosses to JAX runs eagerly, with a
+# graph break around it (the CUDA kernels are to become torch.library custom ops, traced as such).
+_eager = torch.compiler.disable
 
+
+@_eager
 def to_jax(t: Optional[torch.Tensor]) -> Optional[jax.Array]:
     """A jax.Array sharing memory with ``t`` (after ``.contiguous()``), on ``t``'s device.
 
@@ -107,6 +114,7 @@ def to_jax(t: Optional[torch.Tensor]) -> Optional[jax.Array]:
     raise TypeError(f"torch_compat cannot pass a {t.dtype} tensor to JAX; allowed dtypes: {allowed}")
 
 
+@_eager
 def to_torch(a: Optional[jax.Array]) -> Optional[torch.Tensor]:
     """A torch tensor sharing memory with the jax.Array ``a`` (None passes through)."""
     if a is None:
@@ -128,6 +136,7 @@ class WeightCache:
         self._sources: list = []
         self._value = None
 
+    @_eager
     def get(self, sources: Sequence[Optional[torch.Tensor]], build: Callable[[], Any]) -> Any:
         """The cached pytree, rebuilt with ``build()`` when any of ``sources`` changed."""
         cached = self._sources
@@ -168,6 +177,8 @@ class JaxOp:
     def __init__(self, fn: Callable, static: tuple):
         self.fn = fn
         self.static = dict(static)
+        # Whether the vjp reads the values of the arrays (not only of consts and the cotangent).
+        self.reads_inputs = fn not in forwards.VJP_READS_NO_INPUTS
         self.forward = jax.jit(lambda consts, *arrays: fn(consts, *arrays, **self.static))
         self._backward = jax.jit(self._vjp, static_argnums=(3,))
 
@@ -216,15 +227,24 @@ class JaxFunction(torch.autograd.Function):
     def forward(ctx, op: JaxOp, consts: Any, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
         arrays = tuple(to_jax(t) for t in tensors)
         ctx.op, ctx.consts, ctx.arrays = op, consts, arrays
-        # The jax arrays share the tensors' memory; keeping the tensors alive keeps them valid.
-        ctx.tensors = tensors
+        # The jax arrays share the tensors' memory, so the tensors must stay alive. When the vjp reads
+        # their values, save_for_backward also records their versions: backward then raises, as
+        # torch.nn.Linear does, if one was modified in place in between (instead of differentiating at
+        # the new values). A vjp linear in them (frozen-weight matmuls) reads no values: as in
+        # bitsandbytes, ``x += layer(x)`` stays fine there.
+        if op.reads_inputs:
+            ctx.save_for_backward(*tensors)
+        else:
+            ctx.unread_tensors = tensors
         return to_torch(op.forward(consts, *arrays))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # saved_tensors raises "modified by an inplace operation" if one was.
+        tensors = ctx.saved_tensors if ctx.op.reads_inputs else ctx.unread_tensors
         need = tuple(
             bool(n) and t is not None and t.is_floating_point()
-            for n, t in zip(ctx.needs_input_grad[2:], ctx.tensors)
+            for n, t in zip(ctx.needs_input_grad[2:], tensors)
         )
         if not any(need):
             return (None, None) + (None,) * len(need)
@@ -232,6 +252,7 @@ class JaxFunction(torch.autograd.Function):
         return (None, None) + tuple(to_torch(g) for g in grads)
 
 
+@_eager
 def call(op: JaxOp, consts: Any, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
     """Runs ``op`` on torch tensors; records an autograd node only when a gradient can flow.
 

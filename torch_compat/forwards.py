@@ -62,3 +62,9 @@ def standard(_, x, weight, bias):
 def switchback_bnb(_, x, weight, bias, threshold=0.0):
     """SwitchBackLinearBnb (its intended semantics, SPEC §6.5)."""
     return switchback_bnb_matmul(x, weight, None if bias is None else bias.astype(x.dtype), threshold=threshold)
+
+
+# Functions whose vjp reads no array values: linear in every array argument, weights frozen in
+# consts (the 4-bit and int8 backward passes use only the weight and the cotangent), or with no
+# float argument at all (lookups). The bridge lets their inputs be modified in place after the call.
+VJP_READS_NO_INPUTS = frozenset({linear_4bit, linear_4bit_layer, linear_8bit, embedding_4bit, embedding_8bit})

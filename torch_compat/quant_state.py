@@ -11,13 +11,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from qflax import checkpoint_checks_4bit as checks_4bit
 from qflax.quant import Packed4bit
 from torch_compat import bridge
 
-_VALID_KEYS = (
-    "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state", "quant_type",
-    "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset",
-)
 _PACKED_SUFFIXES = ("bitsandbytes__fp4", "bitsandbytes__nf4")
 
 
@@ -74,8 +71,11 @@ class QuantState:
           device: where the tensors go.
 
         Raises:
-          ValueError: no packed ``quant_state.bitsandbytes__<type>`` entry, or more than one.
-          AssertionError: an unknown key is present (bitsandbytes raises the same).
+          ValueError: no packed ``quant_state.bitsandbytes__<type>`` entry, or more than one, or
+            an entry contradicts the JSON (CheckpointError, see :mod:`qflax.checkpoint_checks_4bit`).
+          KeyError (MissingEntryError): a statistics entry the JSON calls for is missing.
+          AssertionError: an unknown key is present (bitsandbytes raises the same type; ours is
+            also a ValueError naming the key).
         """
         packed = [k for k, v in qs_dict.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
         if not packed and "quant_type" not in qs_dict:
@@ -86,29 +86,44 @@ class QuantState:
                 f"Detected {packed}."
             )
         qs_dict = dict(qs_dict)
-        meta = json.loads(bytes(qs_dict.pop(packed[0]).cpu().numpy().tobytes()).decode("utf-8"))
-        qs_dict.update(meta)
-        qs_dict = {k.split(".")[-1]: v for k, v in qs_dict.items()}
-        assert set(qs_dict).issubset(_VALID_KEYS), f"unexpected quant_state keys {sorted(set(qs_dict) - set(_VALID_KEYS))}"
+        state_key = packed[0]
+        _, layout = checks_4bit.parse_quant_state(
+            qs_dict.pop(state_key), state_key, state_key.rsplit("bitsandbytes__", 1)[1]
+        )
+        prefix = state_key[: state_key.index("quant_state")].rstrip(".")
+        tensors = {k.split(".")[-1]: v for k, v in qs_dict.items()}
+        # Every entry is checked against the JSON before anything is built (the unknown-key error is
+        # also the AssertionError bitsandbytes raises).
+        checks_4bit.check_4bit_entries(layout, tensors, prefix)
         state2 = offset = None
-        if "nested_absmax" in qs_dict:
-            offset = torch.tensor(float(qs_dict["nested_offset"]), device=device)
+        if layout.nested:
+            offset = torch.tensor(layout.nested_offset, dtype=torch.float32, device=device)
             state2 = cls(
-                absmax=qs_dict["nested_absmax"].to(device),
-                blocksize=qs_dict["nested_blocksize"],
-                code=qs_dict["nested_quant_map"].to(device),
-                dtype=torch_dtype(qs_dict["nested_dtype"]),
+                absmax=tensors["nested_absmax"].to(device),
+                blocksize=layout.nested_blocksize,
+                code=tensors["nested_quant_map"].to(device),
+                dtype=torch.float32,
             )
         return cls(
-            quant_type=qs_dict["quant_type"],
-            absmax=qs_dict["absmax"].to(device),
-            blocksize=qs_dict["blocksize"],
-            code=qs_dict["quant_map"].to(device),
-            dtype=torch_dtype(qs_dict["dtype"]),
-            shape=torch.Size(qs_dict["shape"]) if qs_dict["shape"] is not None else None,
+            quant_type=layout.quant_type,
+            absmax=tensors["absmax"].to(device),
+            blocksize=layout.blocksize,
+            code=tensors["quant_map"].to(device),
+            dtype=torch_dtype(layout.dtype),
+            shape=torch.Size(layout.shape),
             offset=offset,
             state2=state2,
         )
+
+    def layout(self) -> checks_4bit.Layout4bit:
+        """The checked layout this state declares (raises CheckpointError for impossible settings)."""
+        fields = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                  "dtype": dtype_name(self.dtype) if self.dtype is not None else None,
+                  "shape": None if self.shape is None else list(self.shape)}
+        if self.nested:
+            fields.update(nested_blocksize=self.state2.blocksize, nested_dtype=dtype_name(self.state2.dtype),
+                          nested_offset=float(self.offset))
+        return checks_4bit.layout_from_fields(fields, "quant_state")
 
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """The state as a dict; ``packed=True`` gives the tensors-only form used in state dicts.
@@ -178,7 +193,20 @@ class QuantState:
         return [self.absmax, self.code, self.offset, self.state2.absmax, self.state2.code]
 
     def to_packed4bit(self, packed: torch.Tensor) -> Packed4bit:
-        """The qflax pytree of this state and its packed bytes (any quant_storage dtype), on their device."""
+        """The qflax pytree of this state and its packed bytes (any quant_storage dtype), on their device.
+
+        Raises:
+          ValueError (CheckpointError): the packed bytes or statistics do not match the state's
+            shape, blocksize or quant type (dtypes and lengths are checked, not values).
+        """
+        layout = self.layout()
+        if packed.dim() == 2 and packed.shape[0] == 1:  # Linear4bit passes weight.t()
+            packed = packed.t()
+        checks_4bit.check_packed(packed, layout, "weight")
+        stats = {"absmax": self.absmax, "quant_map": self.code}
+        if self.nested:
+            stats.update(nested_absmax=self.state2.absmax, nested_quant_map=self.state2.code)
+        checks_4bit.check_4bit_entries(layout, stats, "weight", values=False)
         data = packed.detach().contiguous().view(torch.uint8).reshape(-1, 1)
         fields = dict(
             packed=bridge.to_jax(data),
@@ -188,6 +216,7 @@ class QuantState:
             dtype=dtype_name(self.dtype),
             blocksize=int(self.blocksize),
             quant_type=self.quant_type,
+            quant_storage=dtype_name(packed.dtype),
         )
         if self.nested:
             fields.update(

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qflax import bnb_format
+from qflax import checkpoint_checks as checks
 from qflax.linen.dense_4bit import QUANTIZED, check_layer_config
 from qflax.quant import validation
 from qflax.quant.fourbit import Packed4bit, quantize_4bit
@@ -98,8 +99,8 @@ def quantize_params_4bit(
 
     Raises:
       TypeError: ``params`` is not a mapping, or a weight to quantize is not a float array.
-      ValueError: bad ``quant_type``/``blocksize``, or a weight holds NaN/Inf (the message
-        names its path).
+      ValueError: bad ``quant_type``/``blocksize``. (NaN/Inf are values: their blocks decode to
+        NaN, see :mod:`qflax.quant.scaling`.)
 
     Example:
       >>> float_params = FloatMLP().init(key, x)["params"]        # nn.Dense(name="fc1"), ...
@@ -117,8 +118,6 @@ def quantize_params_4bit(
     for path, name, value in bar:
         where = "/".join(str(p) for p in path + (name,))
         value = validation.check_float_array(value, f"params/{where}")
-        if not bool(jnp.all(jnp.isfinite(value))):
-            raise ValueError(f"params/{where} contains NaN or Inf; quantization needs finite values")
         if _FLOAT_KINDS[name] == "dense":
             value, nested = value.T, compress_statistics  # Flax (in, out) -> bitsandbytes (out, in)
         else:
@@ -166,7 +165,8 @@ def load_bnb_4bit(
       ``{"params": {..: {"bias"}}, "quantized": {..: {"weight": Packed4bit}}}``.
 
     Raises:
-      ValueError: no 4-bit weight found, or an entry is inconsistent (shape, dtype, quant type).
+      ValueError: no 4-bit weight found, ``rename`` maps two weights to one path, or an entry is
+        inconsistent (see :mod:`qflax.checkpoint_checks_4bit`).
       KeyError: a required entry (packed weight, absmax, quant_map, nested statistics) is missing.
       TypeError: ``source`` is neither a mapping nor a path.
     """
@@ -178,15 +178,18 @@ def load_bnb_4bit(
             f"no 4-bit weights in the checkpoint: expected keys like 'fc.weight{marker}nf4' "
             f"(found {len(state)} keys, e.g. {list(state)[:3]})"
         )
+    targets = [(k, _module_path(k.rpartition(".")[0], rename) + (k.rpartition(".")[2],)) for k in weight_keys]
+    checks.check_unique_targets(targets, "rename")
     params: dict = {}
     quantized: dict = {}
-    for weight_key in weight_keys:
-        module_prefix, _, leaf = weight_key.rpartition(".")
-        path = _module_path(module_prefix, rename)
-        _set(quantized, path + (leaf,), bnb_format.from_bnb_state_dict(state, prefix=weight_key))
+    for weight_key, path in targets:
+        module_prefix = weight_key.rpartition(".")[0]
+        q = bnb_format.from_bnb_state_dict(state, prefix=weight_key)
+        _set(quantized, path, q)
         bias_key = f"{module_prefix}.bias" if module_prefix else "bias"
         if bias_key in state:
-            _set(params, path + ("bias",), jnp.asarray(bnb_format.to_numpy(state[bias_key])))
+            checks.check_bias(state[bias_key], q.shape[0], bias_key)
+            _set(params, path[:-1] + ("bias",), jnp.asarray(bnb_format.to_numpy(state[bias_key])))
     return {"params": params, QUANTIZED: quantized}
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qflax import bnb_format
+from qflax import checkpoint_checks as checks
 from qflax.quant import int8 as int8_quant
 from qflax.quant import validation
 
@@ -111,7 +112,8 @@ def from_bnb_state_dict_8bit(d: Mapping[str, Any], module_prefix: str = "") -> d
 
     Raises:
       KeyError: ``weight`` missing, or an int8 weight without ``SCB``.
-      ValueError: unknown ``weight_format``, SCB length != weight rows, wrong dtypes.
+      ValueError: unknown ``weight_format``, SCB length != weight rows, wrong dtypes (a
+        non-int8 ``weight`` next to ``SCB`` is a TypeError too), a bias of another length.
     """
     weight_key = f"{module_prefix}weight"
     if weight_key not in d:
@@ -119,13 +121,13 @@ def from_bnb_state_dict_8bit(d: Mapping[str, Any], module_prefix: str = "") -> d
     weight = bnb_format.to_numpy(d[weight_key])
     params: dict[str, Any] = {}
     quantized: dict[str, Any] = {}
-    if weight.dtype == np.int8:
+    if weight.dtype == np.int8 or f"{module_prefix}SCB" in d:  # SCB makes it an int8 checkpoint
         quantized["weight"] = bnb_format.from_bnb_int8_state_dict(d, module_prefix)
     else:
-        if f"{module_prefix}SCB" in d:
-            raise ValueError(f"{weight_key} must be int8 when {module_prefix}SCB is present, got {weight.dtype}")
+        checks.check_float_weight(weight, weight_key)
         params["kernel"] = validation.check_float_array(weight, weight_key).T
     if f"{module_prefix}bias" in d:
+        checks.check_bias(d[f"{module_prefix}bias"], weight.shape[0], f"{module_prefix}bias")
         params["bias"] = validation.check_float_array(bnb_format.to_numpy(d[f"{module_prefix}bias"]), "bias")
     return {"params": params, QUANTIZED: quantized}
 

@@ -61,7 +61,7 @@ class Dense8bitLt(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in)``; returns ``(..., features)`` in ``x``'s dtype (or ``dtype``)."""
-        x = validation.check_float_array(x, "x")
+        x = validation.check_float_array(x, "x", allow_empty=True)
         if self.dtype is not None:
             x = x.astype(self.dtype)
         in_features = x.shape[-1]

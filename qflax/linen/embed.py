@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qflax import ops
-from qflax.ops.embedding_8bit import check_ids
+from qflax.ops.embedding_ids import take_rows
 from qflax.quant import int8 as int8_quant
 
 Initializer = Callable[..., jax.Array]
@@ -49,8 +49,7 @@ def _lookup(module: "Embed", ids: jax.Array) -> jax.Array:
     table = module.param(TABLE, init, (module.num_embeddings, module.features), module.param_dtype)
     if module.is_mutable_collection(OPTIM_BITS):
         module.variable(OPTIM_BITS, TABLE, lambda: jnp.array(32, jnp.int32))
-    ids = check_ids(ids, module.num_embeddings)
-    rows = jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    ids, rows = take_rows(table, ids)  # NaN rows for out-of-range ids (qflax.ops.embedding_ids)
     if padding_row is not None:
         # As torch: the padding row is looked up as stored but never receives a gradient.
         rows = jnp.where((ids == padding_row)[..., None], jax.lax.stop_gradient(rows), rows)

@@ -73,7 +73,7 @@ class OutlierAwareDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Float Dense before quantization, ``forward_with_outliers(x, outlier_idx)`` after."""
-        x = validation.check_float_array(x, "x")
+        x = validation.check_float_array(x, "x", allow_empty=True)
         in_features = x.shape[-1]
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         outlier_idx = self._outlier_idx(in_features)

@@ -40,7 +40,7 @@ def _dense_inputs(module: nn.Module, x: jax.Array) -> tuple[jax.Array, jax.Array
     Returns:
       ``(x, weight (out, in), bias or None)``.
     """
-    x = validation.check_float_array(x, "x")
+    x = validation.check_float_array(x, "x", allow_empty=True)
     if x.ndim < 1:
         raise ValueError(f"x must have at least one dimension (features last), got shape {tuple(x.shape)}")
     if module.dtype is not None:

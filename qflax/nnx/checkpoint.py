@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 
 from qflax import bnb_format
+from qflax import checkpoint_checks as checks
+from qflax import checkpoint_checks_4bit as checks_4bit
 from qflax.nnx.outlier_aware import OutlierDims
 from qflax.nnx.switchback import SwitchBackDense
 from qflax.quant.fourbit import Packed4bit
@@ -49,11 +51,22 @@ def restore_checkpoint(directory: str, model: nnx.Module) -> nnx.Module:
 
     Returns:
       ``model`` holding the restored state.
+
+    Raises:
+      ValueError (CheckpointError): the checkpoint's arrays, shapes or dtypes differ from the
+        model's (other layers, or other quantization settings such as compress_statistics or
+        blocksize), or a restored 4-bit weight's code table is not the layer's quant type.
+        The model is left unchanged.
     """
     import orbax.checkpoint as ocp  # optional dependency: only needed here
 
+    path, checkpointer = os.path.abspath(directory), ocp.StandardCheckpointer()
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model))
-    restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
+    # orbax would cast a saved array to the target's dtype (uint8 absmax codes into float32): compare first.
+    saved = checkpointer.metadata(path).item_metadata
+    checks.check_saved_structure(checks.flat_shapes(getattr(saved, "tree", saved)), checks.flat_shapes(target), path)
+    restored = checkpointer.restore(path, target)
+    checks_4bit.check_packed4bit_leaves(restored, path)  # e.g. an NF4 table restored into an FP4 layer
     nnx.update(model, restored)
     return model
 
@@ -122,6 +135,8 @@ def _import(module: nnx.Module, name: str, variable: nnx.Variable, d: Mapping[st
     else:
         leaves = [_read(d, k) for k in _leaf_keys(template, key)]
         value = jax.tree.unflatten(jax.tree.structure(template), leaves)
+    if isinstance(template, Packed4bit) and isinstance(value, Packed4bit):  # storage dtype is not structure
+        template = template.replace(quant_storage=value.quant_storage)
     want, got = _structure(template), _structure(value)
     if isinstance(variable, OutlierDims):  # the number of outlier dims is data, not structure
         want, got = (want[0], [len(s) for s in want[1]]), (got[0], [len(s) for s in got[1]])

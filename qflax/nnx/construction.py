@@ -3,8 +3,7 @@
 NNX modules quantize their weights eagerly in ``__init__``. Running a quantizer op by op
 would compile every primitive separately for each new shape; a whole-quantizer ``jax.jit``
 (qflax.quant's 4-bit quantizer is jitted already, the row-wise int8 one is jitted here)
-compiles it at once and gives the same bytes. The finiteness check of an eager call is made
-first, outside the jit.
+compiles it at once and gives the same bytes.
 """
 
 import jax
@@ -16,7 +15,6 @@ from qflax.quant import fourbit, int8, validation
 def quantize_4bit(w: jax.Array, blocksize: int, quant_type: str, compress_statistics: bool) -> fourbit.Packed4bit:
     """:func:`qflax.quant.quantize_4bit` (already compiled there), with errors naming ``w``."""
     w = validation.check_float_array(w, "w")
-    validation.check_finite_if_concrete(w, "w")
     return fourbit.quantize_4bit(w, blocksize, quant_type, compress_statistics)
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qflax.ops.embedding_8bit import check_ids
+from qflax.ops.embedding_ids import take_rows
 
 Initializer = Callable[..., jax.Array]
 
@@ -79,8 +79,7 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(table, optim_bits=OPTIM_BITS)
 
     def _lookup(self, ids: jax.Array) -> jax.Array:
-        ids = check_ids(ids, self.num_embeddings)
-        rows = jnp.take(self.embedding[...], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        ids, rows = take_rows(self.embedding[...], ids)  # NaN rows for out-of-range ids
         if self.padding_row is not None:
             # As torch: the padding row is looked up as stored but never receives a gradient.
             rows = jnp.where((ids == self.padding_row)[..., None], jax.lax.stop_gradient(rows), rows)

@@ -81,7 +81,7 @@ class Dense8bitLt(construction.FromLinear, nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in)``; returns ``(..., out)`` in ``x``'s dtype (or ``dtype``)."""
-        x = validation.check_float_array(x, "x")
+        x = validation.check_float_array(x, "x", allow_empty=True)
         if self.dtype is not None:
             x = x.astype(self.dtype)
         bias = None if self.bias is None else self.bias[...]

@@ -128,7 +128,7 @@ class OutlierAwareDense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Float Dense before quantization, ``forward_with_outliers(x, outlier_idx)`` after."""
-        x = validation.check_float_array(x, "x")
+        x = validation.check_float_array(x, "x", allow_empty=True)
         recording = _recording.get()
         if recording is not None:
             _record(recording, self, x)

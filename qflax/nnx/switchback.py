@@ -52,7 +52,7 @@ class _FloatDense(nnx.Module):
 
     def _inputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
         """Checks ``x``, casts it to ``dtype``; returns ``(x, weight (out, in), bias or None)``."""
-        x = validation.check_float_array(x, "x")
+        x = validation.check_float_array(x, "x", allow_empty=True)
         if x.ndim < 1:
             raise ValueError(f"x must have at least one dimension (features last), got shape {tuple(x.shape)}")
         if self.dtype is not None:

@@ -13,9 +13,10 @@ Scope: the context lives in a :class:`contextvars.ContextVar`, so it belongs to 
 thread and, under asyncio, to the calling task; it never leaks into another request. It is also
 entered into a JAX configuration state that is part of ``jax.jit``'s cache key, so a function
 jitted once is traced again when called under a different backend. That state is per thread,
-like JAX's own contexts (``jax.default_matmul_precision``): an asyncio task that awaits inside
-``use_backend`` shares the cache key with the tasks that run meanwhile on its thread, so give
-such code an explicit ``backend=`` instead.
+like JAX's own contexts (``jax.default_matmul_precision``); where the two could disagree (asyncio
+tasks that await inside ``use_backend`` while another task traces, or a context copied into a
+new thread) tracing raises a RuntimeError instead of caching one backend's program under the
+other's key: there, pass ``backend=``.
 
 Where the kernels run: on a GPU with Triton and jaxlib's CUDA Triton bindings, and on CPU in
 Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were imported (the
@@ -36,17 +37,48 @@ _last_paths: contextvars.ContextVar[dict] = contextvars.ContextVar("qflax_last_p
 
 
 def _jit_key_state():
-    """A JAX config state included in jit's cache key (private JAX API; None if it changes)."""
+    """A JAX config state included in jit's cache key, and its "unset" marker (private JAX API)."""
     try:
         from jax._src import config
 
-        return config.enum_state("qflax_backend", list(BACKENDS), "auto", help="qflax backend context (cache key)",
-                                 include_in_jit_key=True, include_in_trace_context=True)
+        state = config.enum_state("qflax_backend", list(BACKENDS), "auto", help="qflax backend context (cache key)",
+                                  include_in_jit_key=True, include_in_trace_context=True)
+        return state, config.config_ext.unset
     except Exception:  # noqa: BLE001 - a JAX without this API still dispatches correctly per trace
-        return None
+        return None, None
 
 
-_JIT_KEY = _jit_key_state()
+_JIT_KEY, _UNSET = _jit_key_state()
+
+
+def _sync_jit_key() -> None:
+    """Makes this thread's jit cache key say what the current context says.
+
+    Set explicitly (not as a nested context manager) so contexts closed out of order, as
+    asyncio tasks do, can never leave a stale value behind.
+    """
+    if _JIT_KEY is not None:
+        context = _context.get()
+        _JIT_KEY.set_local(_UNSET if context is None else context)
+
+
+def _check_jit_key(op: str) -> None:
+    """Raises if this trace would be cached under another backend than the one it runs.
+
+    The cache key is per thread; the context per thread or task. They differ only when a
+    context reached this thread by copying (``asyncio.to_thread``, ``copy_context().run``) or
+    when asyncio tasks interleave inside ``use_backend`` blocks: tracing then would store one
+    backend's program under the other's key.
+    """
+    if _JIT_KEY is None:
+        return
+    context = _context.get() or "auto"
+    if _JIT_KEY.value != context:
+        raise RuntimeError(
+            f"{op}: this thread's jit cache key says backend {_JIT_KEY.value!r} but the current context says "
+            f"{context!r} (a use_backend context copied into this thread, or asyncio tasks interleaving inside "
+            "use_backend blocks). Enter use_backend in this thread or task without awaiting inside it, or pass "
+            "backend= to the op.")
 
 
 def _check_backend(name: str, source: str) -> str:
@@ -65,9 +97,16 @@ def requested_backend(backend: Optional[str] = None) -> str:
     return _check_backend(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
+
+
 def kernel_runtime() -> Optional[str]:
     """Where the Triton kernels can run in this process: "gpu", "interpreter" or None."""
-    if importlib.util.find_spec("triton") is None:
+    if not _importable("triton"):
         return None
     import jax
 
@@ -75,7 +114,7 @@ def kernel_runtime() -> Optional[str]:
         from jax._src.lib import gpu_triton
 
         return "gpu" if getattr(gpu_triton, "TritonKernel", None) is not None else None
-    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("torch") is not None:
+    if os.environ.get("TRITON_INTERPRET") == "1" and _importable("torch"):
         return "interpreter"
     return None
 
@@ -101,6 +140,7 @@ def choose(op: str, backend: Optional[str] = None, unsupported: Optional[str] = 
       RuntimeError: "triton" was asked for but no kernel runtime (GPU, or the interpreter) exists.
       ValueError: "triton" was asked for arguments the kernel cannot run.
     """
+    _check_jit_key(op)
     wanted = requested_backend(backend)
     if wanted == "xla":
         path = "xla"
@@ -135,11 +175,9 @@ def use_backend(name: str) -> Iterator[None]:
       ...     y = matmul_4bit(x, q)
     """
     token = _context.set(_check_backend(name, "name"))
+    _sync_jit_key()
     try:
-        if _JIT_KEY is None:
-            yield
-        else:
-            with _JIT_KEY(name):
-                yield
+        yield
     finally:
         _context.reset(token)
+        _sync_jit_key()

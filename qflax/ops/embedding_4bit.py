@@ -4,20 +4,20 @@ When every row is made of whole absmax blocks (``features % blocksize == 0``) on
 gathered rows are decoded: their packed bytes and absmax entries are gathered first. Otherwise
 blocks straddle rows and the whole table is decoded before the lookup.
 
-Out-of-range ids (``id < 0`` or ``id >= num_embeddings``) give rows of NaN, eagerly and under
-jit alike, so a bad id is visible instead of silently reading another row (bitsandbytes raises
-an IndexError from torch; an exception is impossible under jit).
+Out-of-range ids (``id < 0`` or ``id >= num_embeddings``, of any integer dtype) give rows of
+NaN, eagerly and under jit alike, so a bad id is visible instead of silently reading another
+row (bitsandbytes raises an IndexError from torch; an exception is impossible under jit). See
+:mod:`qflax.ops.embedding_ids`.
 """
 
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from qflax.ops import dispatch
+from qflax.ops import dispatch, embedding_ids
 from qflax.quant import fourbit_rows
-from qflax.quant.fourbit import Packed4bit, dequantize_4bit
+from qflax.quant.fourbit import Packed4bit, check_structure, dequantize_4bit
 
 OP_NAME = "embed_4bit"
 
@@ -57,24 +57,17 @@ def embed_4bit(ids: jax.Array, q: Packed4bit, backend: Optional[str] = None) -> 
       TypeError: ``ids`` is not an integer array or ``q`` is not a Packed4bit.
       ValueError: ``q`` is not 2-D.
     """
-    if not isinstance(q, Packed4bit):
-        raise TypeError(f"q must be a qflax.quant.Packed4bit, got {type(q).__name__}")
+    check_structure(q, "q")
     if len(q.shape) != 2:
         raise ValueError(f"q must hold a 2-D (num_embeddings, features) table, got shape {q.shape}")
-    ids_dtype = np.dtype(ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype)
-    if not np.issubdtype(ids_dtype, np.integer):
-        raise TypeError(f"ids must be an integer array, got dtype {ids_dtype.name}")
-    ids = jnp.asarray(ids)
+    num_embeddings, features = q.shape
+    safe_ids, in_range = embedding_ids.checked_ids(ids, num_embeddings)
     path = dispatch.choose(OP_NAME, backend, unsupported=NO_KERNEL)
     if path == "triton":  # KERNEL HOOK: a GPU lookup kernel would launch here (none exists: unreachable).
         raise NotImplementedError(f"{OP_NAME}: the Triton kernel is not implemented yet")
 
-    num_embeddings, features = q.shape
-    in_range = (ids >= 0) & (ids < num_embeddings)
-    safe_ids = jnp.where(in_range, ids, 0).astype(jnp.int32)
     if features % q.blocksize == 0:
         rows = _gathered_rows(safe_ids, q)
     else:
         rows = jnp.take(dequantize_4bit(q.replace(dtype="float32")), safe_ids, axis=0)
-    rows = jnp.where(in_range[..., None], rows, jnp.float32(jnp.nan))
-    return rows.astype(q.dtype)
+    return embedding_ids.nan_where_out_of_range(rows, in_range).astype(q.dtype)

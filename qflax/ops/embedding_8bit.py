@@ -11,37 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qflax.ops import dispatch
+from qflax.ops import dispatch, embedding_ids
 from qflax.quant import validation
 from qflax.quant.int8 import INV_127, Int8Rows
 
 OP_NAME = "embed_8bit"
 
 
-def check_ids(ids: jax.Array, num_embeddings: int, name: str = "ids") -> jax.Array:
-    """Returns ``ids`` as a jax array after checking it holds integers (in range, when concrete).
-
-    Raises:
-      TypeError: ``ids`` is not an integer array.
-      IndexError: a concrete id is outside ``[0, num_embeddings)``.
-    """
-    ids = jnp.asarray(ids)
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array of row indices, got dtype {ids.dtype}")
-    if not isinstance(ids, jax.core.Tracer) and ids.size and (
-        int(jnp.min(ids)) < 0 or int(jnp.max(ids)) >= num_embeddings
-    ):
-        raise IndexError(
-            f"{name} must lie in [0, {num_embeddings}), got values in [{int(jnp.min(ids))}, {int(jnp.max(ids))}]"
-        )
-    return ids
-
-
 def embed_8bit(ids: jax.Array, w: Int8Rows, dtype=None, backend: Optional[str] = None) -> jax.Array:
     """Looks up rows of an int8 embedding table and dequantizes them.
 
-    Under ``jax.jit`` the ids cannot be checked; an out-of-range id then yields a NaN row
-    instead of silently reading another row.
+    An out-of-range id (of any integer dtype) yields a NaN row, eagerly and under jit, instead
+    of silently reading another row (:mod:`qflax.ops.embedding_ids`).
 
     Args:
       ids: integer array of any shape.
@@ -56,7 +37,6 @@ def embed_8bit(ids: jax.Array, w: Int8Rows, dtype=None, backend: Optional[str] =
     Raises:
       TypeError: ``ids`` not integer, or ``w`` not an Int8Rows.
       ValueError: bad ``dtype`` or mismatched ``w.scale`` length.
-      IndexError: a concrete id out of range.
     """
     if not isinstance(w, Int8Rows):
         raise TypeError(f"w must be an Int8Rows, got {type(w).__name__}")
@@ -68,12 +48,12 @@ def embed_8bit(ids: jax.Array, w: Int8Rows, dtype=None, backend: Optional[str] =
         )
     out_dtype = np.dtype(jnp.float32 if dtype is None else dtype)
     validation.check_choice(out_dtype.name, validation.FLOAT_DTYPES, "dtype")
-    ids = check_ids(ids, w.codes.shape[0])
+    ids, in_range = embedding_ids.checked_ids(ids, w.codes.shape[0])
     # KERNEL HOOK (issue 8): a fused gather-dequant kernel would be chosen here.
     dispatch.choose(OP_NAME, backend, unsupported="there is no GPU kernel for 8-bit embedding lookups")
-    rows = jnp.take(w.codes, ids, axis=0, mode="fill", fill_value=0)
-    scale = jnp.take(w.scale, ids, axis=0, mode="fill", fill_value=np.nan)
+    rows = jnp.take(w.codes, ids, axis=0)
+    scale = jnp.take(w.scale, ids, axis=0)
     # bitsandbytes divides by 127; XLA turns a division by a constant into a multiplication by
     # its reciprocal anyway, so results may differ from bitsandbytes' by one float32 ulp.
     out = rows.astype(jnp.float32) * (scale * INV_127)[..., None]
-    return out.astype(out_dtype)
+    return embedding_ids.nan_where_out_of_range(out, in_range).astype(out_dtype)

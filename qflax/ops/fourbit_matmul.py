@@ -20,7 +20,7 @@ from jax import lax
 
 from qflax.ops import dispatch, fourbit_kernels, fourbit_partitioning
 from qflax.quant import fourbit_rows, validation
-from qflax.quant.fourbit import Packed4bit, dequantize_4bit
+from qflax.quant.fourbit import Packed4bit, check_structure, dequantize_4bit
 
 OP_NAME = "matmul_4bit"
 GRAD_INPUT_OP_NAME = "matmul_4bit_grad_input"
@@ -51,6 +51,8 @@ def dequantize_as(q: Packed4bit, dtype: str) -> jax.Array:
 
 def _choose(op: str, requested_backend: str, x: jax.Array, q: Packed4bit, compute_dtype: str) -> str:
     """The path of one product: can the fused kernels run it, and are they faster here."""
+    if x.size == 0:  # an empty batch stays on XLA, whose ops all take empty operands (any backend asked for)
+        return dispatch.choose(op, "xla")
     return dispatch.choose(op, requested_backend, unsupported=fourbit_kernels.unsupported_reason(x, q, compute_dtype),
                            faster=fourbit_kernels.is_faster(x, q, compute_dtype))
 
@@ -109,8 +111,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def check_packed_weight(q: Any, name: str = "q") -> Packed4bit:
     """Raises unless ``q`` is a 2-D :class:`Packed4bit` (a weight in ``(out, in)`` layout)."""
-    if not isinstance(q, Packed4bit):
-        raise TypeError(f"{name} must be a qflax.quant.Packed4bit, got {type(q).__name__}")
+    check_structure(q, name)
     if len(q.shape) != 2:
         raise ValueError(f"{name} must hold a 2-D (out_features, in_features) weight, got shape {q.shape}")
     return q

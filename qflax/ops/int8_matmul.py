@@ -67,9 +67,20 @@ def _check_bias(bias: Optional[jax.Array], out_features: int) -> Optional[jax.Ar
     return bias
 
 
+def _check_x(x) -> jax.Array:
+    """Float activations ``(..., in)``; a batch of zero rows is fine and gives an empty result."""
+    x = validation.check_float_array(x, "x", allow_empty=True)
+    if x.ndim == 0:
+        raise ValueError("x must have shape (..., in_features), got a scalar")
+    return x
+
+
 def _choose_path(backend: Optional[str], x: jax.Array, out_features: int) -> str:
     # The Triton path (qflax.ops.int8_kernels): fused LLM.int8 quantizer, int8 GEMM with the
     # dequant/bias epilogue and the outlier columns' float product inside the same kernel.
+    # A batch of zero rows stays on XLA, whose ops all take empty operands (any backend asked for).
+    if x.size == 0:
+        return dispatch.choose(OP_NAME, "xla")
     unsupported = int8_kernels.unsupported_reason(x.dtype, x.shape[-1], out_features)
     return dispatch.choose(OP_NAME, backend, unsupported=unsupported)
 
@@ -164,7 +175,7 @@ def matmul_8bit(
       TypeError: ``x`` or ``bias`` is not a float array, or ``w`` is not an Int8Rows.
       ValueError: negative threshold, or mismatched shapes (SCB length, in_features, bias).
     """
-    x = validation.check_float_array(x, "x")
+    x = _check_x(x)
     threshold = _check_threshold(threshold)
     _check_int8_rows(w, x.shape[-1])
     bias = _check_bias(bias, w.codes.shape[0])
@@ -228,7 +239,7 @@ def matmul_8bit_trainable(
       TypeError: ``x``, ``weight`` or ``bias`` is not a float array.
       ValueError: negative threshold or mismatched shapes.
     """
-    x = validation.check_float_array(x, "x")
+    x = _check_x(x)
     weight = validation.check_float_array(weight, "weight")
     threshold = _check_threshold(threshold)
     if weight.ndim != 2 or weight.shape[1] != x.shape[-1]:

@@ -84,6 +84,9 @@ def _int8_linear(a_codes, a_scale, b_codes, b_scale, bias, dtype, path: str):
 
 def _choose(op: str, backend, x, weight_shape) -> str:
     """The path for one call: the int8 kernels take float16/bfloat16/float32 and rows up to their limit."""
+    # A batch of zero rows stays on XLA, whose ops all take empty operands (any backend asked for).
+    if x.size == 0:
+        return dispatch.choose(op, "xla")
     unsupported = int8_kernels.unsupported_reason(x.dtype, weight_shape[1], weight_shape[0])
     return dispatch.choose(op, backend, unsupported=unsupported)
 
@@ -115,8 +118,8 @@ def _finish(out_f32, bias, dtype):
 
 
 def _check_args(x, weight, bias, op: str):
-    """Validates the common arguments and returns ``x`` flattened to ``(M, K)``."""
-    x = validation.check_float_array(x, "x")
+    """Validates the common arguments (zero rows allowed: an empty batch) and returns ``x`` and ``weight``."""
+    x = validation.check_float_array(x, "x", allow_empty=True)
     weight = validation.check_float_array(weight, "weight")
     if weight.ndim != 2:
         raise ValueError(f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -314,7 +317,9 @@ def switchback_matmul_prepared(
       ``(..., out_features)`` in ``x.dtype``.
     """
     validation.check_choice(variant, PREPARED_VARIANTS, "variant")
-    x = validation.check_float_array(x, "x")
+    x = validation.check_float_array(x, "x", allow_empty=True)
+    if x.ndim == 0:
+        raise ValueError("switchback_matmul_prepared: x must have shape (..., in_features), got a scalar")
     if w_codes.dtype != jnp.int8 or w_codes.ndim != 2:
         raise TypeError(f"w_codes must be a 2-D int8 array, got {w_codes.dtype} of shape {tuple(w_codes.shape)}")
     out_features, in_features = w_codes.shape

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qflax.quant import codebooks, validation
+from qflax.quant import codebooks, scaling, validation
 
 
 @struct.dataclass
@@ -34,20 +34,6 @@ class Blockwise8bit:
     shape: tuple = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False)
     blocksize: int = struct.field(pytree_node=False)
-
-
-def block_absmax(flat: jax.Array, blocksize: int) -> jax.Array:
-    """float32 absolute maximum of each run of ``blocksize`` elements of a flat array.
-
-    Args:
-      flat: 1-D float array.
-      blocksize: elements per block; the last block may be partial.
-
-    Returns:
-      float32 array of shape ``(ceil(flat.size / blocksize),)``.
-    """
-    blocks = pad_to_blocks(flat.astype(jnp.float32), blocksize)
-    return jnp.max(jnp.abs(blocks), axis=1)
 
 
 def pad_to_blocks(flat: jax.Array, blocksize: int) -> jax.Array:
@@ -73,7 +59,9 @@ def encode_with_code(scaled: jax.Array, code: jax.Array) -> jax.Array:
 def quantize_flat(flat: jax.Array, code: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array]:
     """Blockwise 8-bit quantization of a flat float32 array.
 
-    An all-zero block gets absmax 0 and codes 0 (bitsandbytes does the same), with no NaN.
+    An all-zero block gets absmax 0 and codes 0 (bitsandbytes does the same), with no NaN. A
+    block holding NaN or +-Inf gets absmax NaN and codes 0, so it decodes to NaN
+    (:mod:`qflax.quant.scaling`); blocks scale exactly up to float32's maximum.
 
     Args:
       flat: 1-D float32 array.
@@ -84,11 +72,10 @@ def quantize_flat(flat: jax.Array, code: jax.Array, blocksize: int) -> tuple[jax
       ``(codes, absmax)``: uint8 of ``flat``'s shape and float32 ``(nblocks,)``.
     """
     blocks = pad_to_blocks(flat.astype(jnp.float32), blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    inv = jnp.float32(1) / absmax
-    scaled = jnp.clip(blocks * inv[:, None], -1.0, 1.0)
+    absmax = scaling.absmax(blocks, axis=1)
+    scaled = jnp.clip(scaling.scale_by_reciprocal(blocks, absmax[:, None]), -1.0, 1.0)
     codes = encode_with_code(scaled, code)
-    codes = jnp.where((absmax == 0)[:, None], jnp.uint8(0), codes)
+    codes = jnp.where(scaling.usable(absmax)[:, None], codes, jnp.uint8(0))
     return codes.reshape(-1)[: flat.size], absmax
 
 
@@ -118,7 +105,6 @@ def quantize_blockwise(
     """
     x = validation.check_float_array(x)
     validation.check_choice(blocksize, validation.BLOCKSIZES_8BIT, "blocksize")
-    validation.check_finite_if_concrete(x)
     code = jnp.asarray(codebooks.DYNAMIC_MAP if code is None else code, dtype=jnp.float32)
     if code.shape != (256,):
         raise ValueError(f"code must have shape (256,), got {tuple(code.shape)}")

@@ -8,10 +8,12 @@ raises instead). With ``compress_statistics=True`` the absmax vector is itself q
 to 8 bits (double quantization): ``absmax - mean(absmax)`` in blocks of 256 with the
 dynamic map.
 
-Non-finite input: an eager call raises ValueError. Under ``jax.jit`` (no check possible)
-a NaN/Inf makes its own block decode to NaN/Inf and leaves every other block intact; with
-double quantization the statistics of the non-finite block are excluded from the shared
-offset, so other blocks stay exact too, and the bad block decodes to garbage.
+Non-finite and extreme input (:mod:`qflax.quant.scaling`), the same eagerly and under
+``jax.jit``: a block holding a NaN or +-Inf gets a NaN absmax and the code of zero, so it
+decodes to NaN throughout while every other block is unchanged; with double quantization the
+NaN reaches the nested absmax of its group of 256 blocks (which all decode to NaN) and the
+shared offset is the mean of the finite absmax values. Blocks are scaled exactly up to
+float32's maximum.
 """
 
 import functools
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qflax.quant import blockwise, codebooks, packing, validation
+from qflax.quant import blockwise, codebooks, packing, scaling, validation
 
 NESTED_BLOCKSIZE = 256
 # The code whose table value is exactly 0.0.
@@ -45,6 +47,8 @@ class Packed4bit:
       blocksize: static; elements per absmax block.
       quant_type: static; "nf4" or "fp4".
       nested_blocksize: static; block size of the nested statistics (256).
+      quant_storage: static; the dtype name a checkpoint stores the packed bytes as
+        (bitsandbytes' quant_storage, "uint8" by default); ``packed`` is always uint8 here.
     """
 
     packed: jax.Array
@@ -58,6 +62,7 @@ class Packed4bit:
     blocksize: int = struct.field(pytree_node=False, default=64)
     quant_type: str = struct.field(pytree_node=False, default="nf4")
     nested_blocksize: int = struct.field(pytree_node=False, default=NESTED_BLOCKSIZE)
+    quant_storage: str = struct.field(pytree_node=False, default="uint8")
 
     @property
     def nested(self) -> bool:
@@ -114,8 +119,8 @@ def quantize_4bit(
 
     Raises:
       TypeError: ``x`` is not a float array.
-      ValueError: bad ``blocksize``/``quant_type``, empty ``x``, or non-finite ``x``
-        (eager calls only).
+      ValueError: bad ``blocksize``/``quant_type`` or empty ``x`` (values never raise: see the
+        module docstring for NaN/Inf).
 
     Example:
       >>> q = quantize_4bit(jnp.ones((64, 64)), quant_type="nf4")
@@ -124,7 +129,6 @@ def quantize_4bit(
     """
     _validate(blocksize, quant_type)
     x = validation.check_float_array(x)
-    validation.check_finite_if_concrete(x)
     return _quantize_4bit(x, blocksize, quant_type, bool(compress_statistics))
 
 
@@ -134,15 +138,16 @@ def quantize_4bit(
 def _quantize_4bit(x: jax.Array, blocksize: int, quant_type: str, compress_statistics: bool) -> Packed4bit:
     n = x.size
     blocks = blockwise.pad_to_blocks(x.reshape(-1).astype(jnp.float32), blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    absmax = scaling.absmax(blocks, axis=1)
     # Reciprocal first, then multiply: the CUDA kernel's order, needed for identical codes.
-    scaled = blocks * (jnp.float32(1) / absmax)[:, None]
+    scaled = scaling.scale_by_reciprocal(blocks, absmax[:, None])
     codes = encode_nf4(scaled) if quant_type == "nf4" else encode_fp4(scaled)
     # An all-zero block gets the code of 0.0 (NF4 7, FP4 0), so it decodes to exact zeros even
     # when its absmax comes back from double quantization slightly off zero. (bitsandbytes'
-    # CUDA kernel computes 0 * inf = NaN there and emits code 0, which is -1.0 in NF4.)
+    # CUDA kernel computes 0 * inf = NaN there and emits code 0, which is -1.0 in NF4.) A
+    # non-finite block (NaN absmax) gets it too, and decodes to 0 * NaN = NaN.
     zero_code = jnp.uint8(ZERO_CODE[quant_type])
-    codes = jnp.where((absmax == 0)[:, None], zero_code, codes)
+    codes = jnp.where(scaling.usable(absmax)[:, None], codes, zero_code)
     codes = codes.reshape(-1)[: n + n % 2]
     packed = packing.pack_nibbles(codes).reshape(-1, 1)
     common = dict(
@@ -163,12 +168,16 @@ def _double_quantize(absmax: jax.Array) -> dict:
     finite = jnp.isfinite(absmax)
     count = jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32)
     kept = jnp.where(finite, absmax, 0)
+    # Huge statistics are summed at 2**-64 of their size (exact), so the sum cannot overflow.
+    factor = jnp.where(jnp.max(kept, initial=np.float32(0)) > np.float32(2.0**100), np.float32(2.0**-64), 1)
+    kept = kept * factor.astype(jnp.float32)
     # Two-pass mean (the second pass sums the residuals), so the float32 offset is correctly
     # rounded in practice whatever order the backend sums in.
     rough = jnp.sum(kept) / count
-    offset = rough + jnp.sum(jnp.where(finite, kept - rough, 0)) / count
+    offset = (rough + jnp.sum(jnp.where(finite, kept - rough, 0)) / count) / factor.astype(jnp.float32)
     nested_map = jnp.asarray(codebooks.DYNAMIC_MAP)
-    centred = jnp.where(finite, absmax - offset, 0)
+    # A non-finite block keeps its NaN, which makes its group's nested absmax NaN.
+    centred = jnp.where(finite, absmax - offset, jnp.float32(jnp.nan))
     codes, nested_absmax = blockwise.quantize_flat(centred, nested_map, NESTED_BLOCKSIZE)
     return dict(
         absmax=codes,
@@ -198,7 +207,6 @@ def unpack_codes(q: Packed4bit) -> jax.Array:
     return packing.unpack_nibbles(q.packed)[: q.size]
 
 
-@jax.jit
 def dequantize_4bit(q: Packed4bit) -> jax.Array:
     """Reconstructs the tensor of a :class:`Packed4bit` in its original shape and dtype.
 
@@ -210,7 +218,28 @@ def dequantize_4bit(q: Packed4bit) -> jax.Array:
 
     Returns:
       Array of shape ``q.shape`` and dtype ``q.dtype``.
+
+    Raises:
+      TypeError: ``q`` is not a Packed4bit.
+      ValueError: its arrays do not match its shape, blocksize or quant type (e.g. an absmax
+        of the wrong length), or a static field is out of range.
     """
+    check_structure(q, "q")
+    return _dequantize_4bit(q)
+
+
+def check_structure(q: Packed4bit, name: str) -> Packed4bit:
+    """Raises unless ``q`` is a Packed4bit whose arrays fit its static fields (dtypes and shapes only)."""
+    from qflax import checkpoint_checks_4bit  # imports qflax.quant itself: imported when first needed
+
+    if not isinstance(q, Packed4bit):
+        raise TypeError(f"{name} must be a qflax.quant.Packed4bit, got {type(q).__name__}")
+    checkpoint_checks_4bit.check_packed4bit(q, name, values=False)
+    return q
+
+
+@jax.jit
+def _dequantize_4bit(q: Packed4bit) -> jax.Array:
     values = jnp.take(q.quant_map.astype(jnp.float32), unpack_codes(q).astype(jnp.int32))
     blocks = blockwise.pad_to_blocks(values, q.blocksize) * dequantize_absmax(q)[:, None]
     return blocks.reshape(-1)[: q.size].astype(q.dtype).reshape(q.shape)

@@ -151,3 +151,19 @@ def test_default_plans_for_16_bit_activations_use_the_register_decode_kernels():
         kernels.append(plan.kernel)
         assert _relative_error(out, x @ _cast(w, "bfloat16").T) < TOLERANCE["bfloat16"]
     assert kernels == ["word_gemv", "mma", "mma", "mma"]
+
+
+def test_vmap_over_x_folds_into_one_launch_and_matches_per_example():
+    """A batch of activations is one launch (rows folded), a batch of weights one launch each."""
+    rng = np.random.default_rng(9)
+    q, w = _weight(rng, 40, 256, 64, "nf4", False)
+    x = jnp.asarray(rng.standard_normal((3, 2, 256)).astype(np.float32), jnp.float16)
+
+    def f(x):
+        return fourbit_jax.matmul_4bit(x, q.packed, q.absmax, q.quant_map, **_weight_kwargs(q))
+
+    jaxpr = str(jax.make_jaxpr(jax.vmap(f))(x))
+    assert jaxpr.count("qflax_triton_call") == 1 and "scan" not in jaxpr  # folded, not mapped (lax.map)
+    got = np.asarray(jax.vmap(f)(x), np.float32)
+    want = np.stack([np.asarray(f(x[i]), np.float32) for i in range(3)])
+    np.testing.assert_array_equal(got, want)

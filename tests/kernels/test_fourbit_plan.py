@@ -119,3 +119,17 @@ def test_auto_never_picks_the_interpreter_on_cpu():
     q = fourbit.quantize_4bit(jnp.ones((64, 256), jnp.float32), blocksize=64)
     ops.matmul_4bit(jnp.ones((1, 256), jnp.bfloat16), q)
     assert ops.last_path("matmul_4bit") == "xla"
+
+
+def test_only_the_unsplit_word_gemv_goes_through_xlas_triton_pipeline():
+    """XLA's own Triton crashed compiling the split-K reduction and the tensor-core kernel (H200)."""
+    from qflax_kernels import fourbit_launch
+
+    def launch(m, **override):
+        return fourbit_launch.matmul_launch(m, 256, 4096, 64, x_dtype="bfloat16", nested=False, has_bias=False,
+                                            override=override)
+
+    assert launch(1).xla_pipeline and launch(1).constexpr_dict()["SPLIT_K"] == 1
+    assert not launch(1, split_k=2).xla_pipeline
+    assert not launch(16).xla_pipeline
+    assert launch(16).outputs[2].zeroed == (launch(16).constexpr_dict()["SPLIT_K"] > 1)

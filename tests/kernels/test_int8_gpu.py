@@ -1,4 +1,4 @@
-"""int8 kernels on the GPU (compiled Triton through jax-triton) vs the XLA references.
+"""int8 kernels on the GPU (compiled Triton through qflax_kernels.triton_call) vs the XLA references.
 
 Run on the GPU machine: ``pytest -m gpu tests/kernels/test_int8_gpu.py``. Kernel and reference
 quantize with the same rules, so outputs differ only by float rounding (and, rarely, one code
@@ -240,3 +240,20 @@ def test_layer_triton_path_matches_xla_forward_and_backward(layer_cls, kwargs):
     for got, ref in zip(results["triton"], results["xla"]):
         assert got.dtype == ref.dtype and got.shape == ref.shape
         assert rel_err(got, ref) < TOL["bfloat16"]
+
+
+def test_quantizer_kernels_follow_the_non_finite_and_extreme_value_rule():
+    """NaN/Inf make their unit's scale NaN and codes 0; huge and tiny units scale exactly (qflax.quant.scaling)."""
+    x = np.asarray(_normal(jax.random.key(5), (70, 40)))
+    x[1, 3], x[2, 0], x[3, 39] = np.nan, np.inf, -np.inf
+    x[4] *= np.float32(1e38) / np.abs(x[4]).max()
+    x[5] *= np.float32(1e-30)
+    x = jnp.asarray(x)
+    pairs = [(int8_kernels.quantize_rowwise, sb_ref.quantize_rowwise),
+             (int8_kernels.quantize_rows, lambda w: (int8_ref.quantize_rows(w).codes, int8_ref.quantize_rows(w).scale)),
+             (int8_kernels.quantize_columnwise_and_transpose, sb_ref.quantize_columnwise_and_transpose),
+             (int8_kernels.quantize_global, sb_ref.quantize_global)]
+    for ours, ref in pairs:
+        got, want = ours(x), ref(x)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))

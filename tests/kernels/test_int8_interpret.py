@@ -272,3 +272,37 @@ def test_quantize_global_rounds_half_to_even():
     x = _halves_matrix(4, 30)
     codes, _ = _scaled(x, per_column=False, transpose=False)
     np.testing.assert_array_equal(codes, np.asarray(sb_ref.quantize_global(jnp.asarray(x))[0]))
+
+
+def _non_finite_and_extreme(M, K, seed=3):
+    """Rows/columns holding NaN, +Inf, -Inf, huge (1e38) and tiny (1e-30) values next to ordinary ones."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(M, K)).astype(np.float32)
+    x[1, 3], x[2, 0], x[3, K - 1] = np.nan, np.inf, -np.inf
+    x[4] *= np.float32(1e38) / np.abs(x[4]).max()
+    x[5] *= np.float32(1e-30)
+    return x
+
+
+def test_row_quantizer_follows_the_non_finite_and_extreme_value_rule():
+    x = _non_finite_and_extreme(9, 40)
+    for llm_int8_scale, ref in ((False, sb_ref.quantize_rowwise), (True, None)):
+        codes, absmax = _rows(x, llm_int8_scale=llm_int8_scale)
+        if ref is None:
+            want_codes, want_absmax, _ = int8_ref.int8_vectorwise_quant(jnp.asarray(x))
+        else:
+            want_codes, want_absmax = ref(jnp.asarray(x))
+        np.testing.assert_array_equal(codes, np.asarray(want_codes))
+        np.testing.assert_array_equal(absmax, np.asarray(want_absmax))  # NaN compares equal to NaN here
+        assert np.isnan(absmax[1:4]).all() and not codes[1:4].any() and np.abs(codes[4:6]).max() == 127
+
+
+@pytest.mark.parametrize("per_column", [True, False])
+def test_column_and_global_quantizers_follow_the_non_finite_rule(per_column):
+    x = _non_finite_and_extreme(70, 6)
+    codes, absmax = _scaled(x, per_column=per_column, transpose=per_column)
+    ref = sb_ref.quantize_columnwise_and_transpose if per_column else sb_ref.quantize_global
+    want_codes, want_absmax = ref(jnp.asarray(x))
+    np.testing.assert_array_equal(codes, np.asarray(want_codes))
+    np.testing.assert_array_equal(absmax, np.asarray(want_absmax))
+    assert np.isnan(absmax).any()

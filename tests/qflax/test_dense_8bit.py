@@ -128,7 +128,7 @@ def test_bad_state_dicts_raise_clear_errors():
         qnn.from_bnb_state_dict_8bit({"weight": sd["weight"]})
     with pytest.raises(KeyError, match="weight"):
         qnn.from_bnb_state_dict_8bit({"bias": sd["bias"]})
-    with pytest.raises(ValueError, match="must be int8 when SCB is present"):
+    with pytest.raises(ValueError, match="must be a 2-D int8 array when .SCB. is present"):
         qnn.from_bnb_state_dict_8bit({"weight": w, "SCB": sd["SCB"]})
 
 

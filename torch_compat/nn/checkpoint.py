@@ -11,7 +11,20 @@ import warnings
 import torch
 
 from qflax import bnb_format
+from qflax import checkpoint_checks as checks
+from qflax import checkpoint_checks_4bit as checks_4bit
 from torch_compat.nn.params import Int8Params, Params4bit
+
+
+def _other_size_mismatches(module: torch.nn.Module, state_dict, prefix: str) -> list[str]:
+    """torch's size-mismatch messages for the module's parameters other than ``weight``."""
+    problems = []
+    for name, param in module._parameters.items():
+        key = f"{prefix}{name}"
+        if name != "weight" and param is not None and key in state_dict and state_dict[key].shape != param.shape:
+            problems.append(f"size mismatch for {key}: copying a param with shape {state_dict[key].shape} from "
+                            f"checkpoint, the shape in current model is {param.shape}.")
+    return problems
 
 
 class FourBitCheckpoint:
@@ -43,11 +56,23 @@ class FourBitCheckpoint:
                               error_msgs):
         weight_key = f"{prefix}weight"
         stats = {k[len(weight_key) + 1:]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
+        # Nothing of this module changes unless all of its entries fit (torch would copy the bias
+        # first and then fail on it, leaving a new weight with the old bias).
+        problems = _other_size_mismatches(self, state_dict, prefix)
+        if stats and weight_key not in state_dict:
+            problems.append(
+                f"{weight_key!r}: the checkpoint holds 4-bit statistics {sorted(stats)} but no packed weight"
+            )
+        if problems:
+            error_msgs.extend(problems)
+            return
         if weight_key in state_dict and stats:
             # A packed checkpoint: rebuild the parameter from it, so the base loader copies bytes into
             # a parameter of the right shape.
             device = self.weight.device if self.weight.device.type != "meta" else "cpu"
-            loaded = Params4bit.from_prequantized(state_dict[weight_key], stats, device=device, module=self)
+            # Checks every entry (raising before the module changes), then the module's own settings.
+            full_keys = {f"{weight_key}.{k}": v for k, v in stats.items()}  # so messages name the real keys
+            loaded = Params4bit.from_prequantized(state_dict[weight_key], full_keys, device=device)
             expected = torch.Size(self._weight_shape())
             if loaded.quant_state.shape != expected:
                 error_msgs.append(
@@ -55,6 +80,16 @@ class FourBitCheckpoint:
                     f"{tuple(loaded.quant_state.shape)}, the module expects {tuple(expected)}."
                 )
                 return
+            try:
+                checks_4bit.check_4bit_target(
+                    loaded.quant_state.layout(), weight_key, quant_type=self.weight.quant_type,
+                    blocksize=self.weight.blocksize,
+                )
+            except checks.CheckpointError as err:
+                error_msgs.append(str(err))
+                return
+            loaded.module = self
+            self.quant_state = loaded.quant_state
             self.weight = loaded
         elif weight_key in state_dict and self.weight.bnb_quantized and state_dict[weight_key].is_floating_point():
             # A float checkpoint into an already quantized module: quantize it the same way.
@@ -101,6 +136,14 @@ class Int8Checkpoint:
         incoming = state_dict.get(weight_key)
         scale = state_dict.get(scale_key)
         state = getattr(self, "state", None)
+        if incoming is not None and (scale is not None or incoming.dtype == torch.int8):
+            # An int8 checkpoint: weight int8 (out, in) and SCB float32 (out,), checked before anything changes.
+            checks.check_int8_entries(incoming, checks.require(state_dict, scale_key), prefix,
+                                      tuple(self.weight.shape))
+        problems = _other_size_mismatches(self, state_dict, prefix)
+        if problems:
+            error_msgs.extend(problems)
+            return
         if incoming is not None and incoming.dtype == torch.int8 and self.weight.dtype != torch.int8:
             # Fresh module, quantized checkpoint: take the int8 data as is.
             self.weight.data = torch.empty_like(incoming, device=self.weight.device)

@@ -5,7 +5,7 @@ import warnings
 import torch
 from torch import nn
 
-from torch_compat import bridge, forwards
+from torch_compat import bridge, forwards, kernel_layers
 from torch_compat.nn.checkpoint import FourBitCheckpoint
 from torch_compat.nn.params import Params4bit, check_quant_type
 
@@ -84,6 +84,9 @@ class Linear4bit(FourBitCheckpoint, nn.Linear):
         if not self.compute_type_is_set:
             self.set_compute_type(x)
             self.compute_type_is_set = True
+        direct = kernel_layers.linear_4bit(self, x)  # the Triton kernel on the torch tensors, where it applies
+        if direct is not None:
+            return direct
         if self._op_for is not self.compute_dtype or self._op is None:
             name = None if self.compute_dtype is None else str(self.compute_dtype).replace("torch.", "")
             self._op, self._op_for = bridge.jax_op(forwards.linear_4bit_layer, compute_dtype=name), self.compute_dtype

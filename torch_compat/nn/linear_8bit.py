@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from qflax.quant import Int8Rows
-from torch_compat import bridge, forwards
+from torch_compat import bridge, forwards, kernel_layers
 from torch_compat.autograd import MatmulLtState, outlier_indices
 from torch_compat.nn.checkpoint import Int8Checkpoint
 from torch_compat.nn.linear_4bit import check_input_width
@@ -32,14 +32,18 @@ class Int8Layer(Int8Checkpoint):
         self.weight.CB = None
         self.weight.SCB = None
 
-    def _int8_rows(self) -> Int8Rows:
+    def _int8_weight(self) -> tuple:
+        """The frozen int8 weight and its row scales (SCB), quantizing a weight never moved to a device."""
         if self.weight.dtype != torch.int8:
             # Never moved to a device (e.g. built with device=...): quantize now, as bitsandbytes does.
             self.weight._quantize(self.weight.device)
         if self.weight.CB is not None:
             self.init_8bit_state()
+        return self.weight, self.state.SCB
+
+    def _int8_rows(self) -> Int8Rows:
         # Keyed on the parameter itself: its _version sees in-place writes such as load_state_dict's copy_.
-        weight, scale = self.weight, self.state.SCB
+        weight, scale = self._int8_weight()
         return self._jax_weight.get(
             [weight, scale], lambda: Int8Rows(codes=bridge.to_jax(weight), scale=bridge.to_jax(scale))
         )
@@ -93,4 +97,8 @@ class Linear8bitLt(Int8Layer, nn.Linear):
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_width(x, self.in_features)
+        direct = kernel_layers.linear_8bit(self, x)  # the Triton kernels on the torch tensors, where they apply
+        if direct is not None:
+            return direct
         return self._int8_forward(x, forwards.linear_8bit, forwards.linear_8bit_trainable)

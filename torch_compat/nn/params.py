@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from qflax import checkpoint_checks_4bit as checks_4bit
 from torch_compat import functional as F
 from torch_compat.quant_state import QuantState
 
@@ -126,9 +127,14 @@ class Params4bit(torch.nn.Parameter):
           module: owning module, whose ``quant_state`` is set.
 
         Raises:
-          ValueError: the packed ``quant_state.bitsandbytes__<type>`` entry is missing or repeated.
+          ValueError: the packed ``quant_state.bitsandbytes__<type>`` entry is missing or repeated,
+            or ``data`` / an entry does not match it (CheckpointError, before anything is built).
+          KeyError (MissingEntryError): an entry the quant state calls for is missing.
         """
         state = QuantState.from_dict(quantized_stats, device=device)
+        state_keys = [k for k in quantized_stats if "quant_state" in k]
+        key = state_keys[0][: state_keys[0].index("quant_state")].rstrip(".") or "weight"
+        checks_4bit.check_packed(data, state.layout(), key)
         param = cls(
             data.to(device), requires_grad=requires_grad, quant_state=state, blocksize=state.blocksize,
             compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=data.dtype,
@@ -154,6 +160,20 @@ class Params4bit(torch.nn.Parameter):
     def cpu(self) -> "Params4bit":
         return self.to("cpu")
 
+    # Module.half()/.float()/.bfloat16()/.double() call these on every floating parameter. A packed
+    # weight keeps its bytes (bitsandbytes converts them numerically and corrupts the weight).
+    def half(self, *args, **kwargs):
+        return self if self.bnb_quantized else super().half(*args, **kwargs)
+
+    def float(self, *args, **kwargs):
+        return self if self.bnb_quantized else super().float(*args, **kwargs)
+
+    def bfloat16(self, *args, **kwargs):
+        return self if self.bnb_quantized else super().bfloat16(*args, **kwargs)
+
+    def double(self, *args, **kwargs):
+        return self if self.bnb_quantized else super().double(*args, **kwargs)
+
     def cuda(self, device=None, non_blocking: bool = False) -> "Params4bit":
         return self.to("cuda" if device is None else device, non_blocking=non_blocking)
 
@@ -161,6 +181,8 @@ class Params4bit(torch.nn.Parameter):
         device, dtype, non_blocking = _parse_device(*args, **kwargs)
         if device is not None and device.type != "meta" and not self.bnb_quantized:
             return self._quantize(device)
+        if self.bnb_quantized:
+            dtype = None  # packed bytes are never converted (a float quant_storage would be corrupted)
         if self.quant_state is not None and device is not None:
             self.quant_state.to(device)
         moved = super().to(device=device, dtype=dtype, non_blocking=non_blocking)
