@@ -14,6 +14,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 
 from qflax.ops import int8_kernels, partitioning
 from qflax.quant import int8 as int8_quant
+from qflax.quant import scaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +38,26 @@ def _int8_infer(s, mesh, arg_shapes, result_shape):
     return partitioning.named(mesh, batch, out_axes)
 
 
+def row_absmax_across(x32: jax.Array, axes: tuple) -> jax.Array:
+    """float32 absmax of each row of x when its features are split over mesh ``axes`` (NaN stays NaN).
+
+    ``pmax`` of the slices' absmax; a slice's NaN (a non-finite value in the row) travels as
+    +inf, which no finite absmax exceeds, so the whole row gets NaN as on one device.
+    """
+    local = scaling.absmax(x32, axis=1)
+    if not axes:
+        return local
+    row = jax.lax.pmax(jnp.where(jnp.isnan(local), jnp.float32(jnp.inf), local), axes)
+    return jnp.where(jnp.isinf(row), jnp.float32(jnp.nan), row)
+
+
 def _quantize_rows_split(x, threshold: float, mask, in_axes: tuple):
     """LLM.int8 activation codes of a slice of x's features, with the absmax of whole rows (``pmax``)."""
     x32 = x.astype(jnp.float32)
     if threshold > 0:
         x32 = jnp.where(jnp.abs(x32) >= threshold, jnp.float32(0), x32)
-    absmax = jax.lax.pmax(jnp.max(jnp.abs(x32), axis=1), in_axes)
-    codes = int8_quant.round_to_int8(x32 * int8_quant.llm_int8_scale_factor(absmax)[:, None])
+    absmax = row_absmax_across(x32, in_axes)
+    codes = int8_quant.llm_int8_codes(x32, absmax[:, None])
     if threshold > 0:
         codes = jnp.where(mask[None, :], jnp.int8(0), codes)
     return codes, absmax

@@ -84,6 +84,24 @@ def to_flat(q: Packed4bit) -> Packed4bit:
     return q.replace(packed=q.packed.reshape(-1, 1), absmax=q.absmax.reshape(-1))
 
 
+def flat_shapes(q: Packed4bit, name: str = "q") -> Packed4bit:
+    """``q`` itself, or for a row view a stand-in with bitsandbytes' flat shapes (for shape checks).
+
+    Raises:
+      ValueError: ``q`` looks like a row view whose packed or absmax shape does not fit ``q.shape``.
+    """
+    if not is_row_view(q):
+        return q
+    n, k = _check_rows(q, name)
+    want = ((n, k // 2), (n, k // q.blocksize))
+    got = (tuple(q.packed.shape), tuple(q.absmax.shape))
+    if got != want:
+        raise ValueError(f"{name}: a row view of a {q.shape} weight (blocksize {q.blocksize}) has packed {want[0]} "
+                         f"and absmax {want[1]}, got packed {got[0]} and absmax {got[1]}")
+    return q.replace(packed=jax.ShapeDtypeStruct(((n * k + 1) // 2, 1), q.packed.dtype),
+                     absmax=jax.ShapeDtypeStruct((n * k // q.blocksize,), q.absmax.dtype))
+
+
 def local_dims(q: Packed4bit) -> tuple[int, int]:
     """``(rows, columns)`` of the weight block that ``q``'s leaves hold.
 

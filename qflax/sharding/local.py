@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qflax import ops
+from qflax.ops.int8_partitioning import row_absmax_across
 from qflax.ops.partitioning import shard_index
 from qflax.quant import fourbit_rows
 from qflax.quant import int8 as int8_quant
@@ -127,9 +128,8 @@ def _llm_int8_split(x2, codes, scale, threshold, batch_axes, in_axes):
         mask = jax.lax.pmax(mask.astype(jnp.int32), batch_axes).astype(bool)
     x32 = x2.astype(jnp.float32)
     kept = jnp.where(jnp.abs(x32) >= threshold, jnp.float32(0), x32) if threshold > 0 else x32
-    row_absmax = jnp.max(jnp.abs(kept), axis=1)
-    row_absmax = jax.lax.pmax(row_absmax, in_axes) if in_axes else row_absmax
-    x_codes = int8_quant.round_to_int8(kept * int8_quant.llm_int8_scale_factor(row_absmax)[:, None])
+    row_absmax = row_absmax_across(kept, in_axes)
+    x_codes = int8_quant.llm_int8_codes(kept, row_absmax[:, None])
     if threshold > 0:
         x_codes = jnp.where(mask[None, :], jnp.int8(0), x_codes)
     acc = int8_quant.int8_linear_matmul(x_codes, codes)

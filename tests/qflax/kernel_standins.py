@@ -12,6 +12,7 @@ runs as on a GPU. The per-shard code with the real interpreted kernels is tested
 import jax.numpy as jnp
 
 from qflax.quant import int8 as int8_quant
+from qflax.quant import scaling
 from qflax.quant.fourbit import Packed4bit, dequantize_4bit
 
 
@@ -48,8 +49,8 @@ class Recorder:
         x32 = x.astype(jnp.float32)
         if threshold > 0:
             x32 = jnp.where(jnp.abs(x32) >= threshold, jnp.float32(0), x32)
-        absmax = jnp.max(jnp.abs(x32), axis=1)
-        codes = int8_quant.round_to_int8(x32 * int8_quant.llm_int8_scale_factor(absmax)[:, None])
+        absmax = scaling.absmax(x32, axis=1)
+        codes = int8_quant.llm_int8_codes(x32, absmax[:, None])
         if threshold > 0:
             codes = jnp.where(col_mask.astype(bool)[None, :], jnp.int8(0), codes)
         return codes, absmax
