@@ -122,8 +122,6 @@ def _grad_bias(g2: jax.Array, bias: Optional[jax.Array]) -> Optional[jax.Array]:
     return jnp.sum(g2.astype(jnp.float32), axis=0).astype(bias.dtype)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Frozen int8 weight.
 
