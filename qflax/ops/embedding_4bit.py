@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from qflax.ops import dispatch, embedding_ids
-from qflax.quant import packing
-from qflax.quant.fourbit import Packed4bit, check_structure, dequantize_4bit, dequantize_absmax
+from qflax.quant import fourbit_rows
+from qflax.quant.fourbit import Packed4bit, check_structure, dequantize_4bit
 
 OP_NAME = "embed_4bit"
 
@@ -31,11 +31,12 @@ def _gathered_rows(ids: jax.Array, q: Packed4bit) -> jax.Array:
     num_embeddings, features = q.shape
     # features % blocksize == 0 makes features even, so a row is exactly features // 2 bytes.
     row_bytes = jnp.take(q.packed.reshape(num_embeddings, features // 2), ids, axis=0)
-    codes = packing.unpack_nibbles(row_bytes).reshape(*ids.shape, features)
+    codes = fourbit_rows.unpack_last_axis(row_bytes)  # along the features: a feature-sharded table stays so
     values = jnp.take(q.quant_map.astype(jnp.float32), codes.astype(jnp.int32))
     blocks_per_row = features // q.blocksize
-    # The absmax vector is 1/blocksize of the table; decoding it whole keeps double-quant math in one place.
-    absmax = jnp.take(dequantize_absmax(q).reshape(num_embeddings, blocks_per_row), ids, axis=0)
+    # The absmax is 1/blocksize of the table: decode it whole, along its rows and blocks (so a table
+    # sharded along either axis decodes shard by shard), then gather.
+    absmax = jnp.take(fourbit_rows.absmax_rows(q), ids, axis=0)
     blocks = values.reshape(*ids.shape, blocks_per_row, q.blocksize) * absmax[..., None]
     return blocks.reshape(*ids.shape, features)
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qflax.ops import dispatch, fourbit_kernels
-from qflax.quant import validation
+from qflax.ops import dispatch, fourbit_kernels, fourbit_partitioning
+from qflax.quant import fourbit_rows, validation
 from qflax.quant.fourbit import Packed4bit, check_structure, dequantize_4bit
 
 OP_NAME = "matmul_4bit"
@@ -40,8 +40,12 @@ def dequantize_as(q: Packed4bit, dtype: str) -> jax.Array:
     """The weight decoded in float32 and rounded once, straight to ``dtype``.
 
     bitsandbytes on CPU decodes into the activation dtype the same way; going through the
-    stored dtype first would round twice (e.g. float32 -> bfloat16 -> float16).
+    stored dtype first would round twice (e.g. float32 -> bfloat16 -> float16). A weight whose
+    rows are whole absmax blocks is decoded along its two axes (same values, bit for bit), so
+    that XLA partitions a weight sharded along either axis shard by shard (qflax.sharding).
     """
+    if fourbit_rows.has_whole_block_rows(q):
+        return fourbit_rows.dequantize_rows(q, dtype)
     return dequantize_4bit(q.replace(dtype=dtype))
 
 
@@ -74,7 +78,7 @@ def _grad_input_product(g: jax.Array, q: Packed4bit, compute_dtype: str) -> jax.
 def _matmul_impl(x, q, bias, compute_dtype, requested_backend):
     path = _choose(OP_NAME, requested_backend, x, q, compute_dtype)
     if path == "triton":
-        return fourbit_kernels.forward(x, q, bias, compute_dtype)
+        return fourbit_partitioning.fourbit_forward(x, q, bias, compute_dtype)
     return _forward_product(x, q, bias, compute_dtype)
 
 
@@ -90,7 +94,7 @@ def _matmul_bwd(compute_dtype, requested_backend, residuals, g):
     q, bias = residuals
     path = _choose(GRAD_INPUT_OP_NAME, requested_backend, g, q, compute_dtype)
     if path == "triton":
-        grad_x = fourbit_kernels.grad_input(g, q, compute_dtype).astype(g.dtype)
+        grad_x = fourbit_partitioning.fourbit_grad_input(g, q, compute_dtype).astype(g.dtype)
     else:
         grad_x = _grad_input_product(g, q, compute_dtype).astype(g.dtype)  # g has x's dtype
     grad_bias = None

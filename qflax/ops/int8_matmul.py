@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qflax.ops import dispatch, int8_kernels
+from qflax.ops import dispatch, int8_kernels, int8_partitioning
 from qflax.quant import int8 as int8_quant
 from qflax.quant import validation
 from qflax.quant.int8 import Int8Rows
@@ -94,7 +94,8 @@ def _forward(x2: jax.Array, w: Int8Rows, bias: Optional[jax.Array], threshold: f
     """The LLM.int8 product of 2-D ``x2 (M, K)``, float32 ``(M, N)`` including bias."""
     if path == "triton":
         # Same maths in Triton kernels; the output comes back in x's dtype (cast once, in the kernel).
-        return int8_kernels.run_llm_int8(x2, w.codes, w.scale, bias, threshold)
+        # (partitioning: the same kernels per shard when the weight is sharded.)
+        return int8_partitioning.llm_int8_forward(x2, w.codes, w.scale, bias, threshold)
     codes, row_stats, mask = int8_quant.int8_vectorwise_quant(x2, threshold)
     acc = int8_quant.int8_linear_matmul(codes, w.codes)
     out = int8_quant.int8_mm_dequant(acc, row_stats, w.scale)
@@ -121,12 +122,6 @@ def _grad_bias(g2: jax.Array, bias: Optional[jax.Array]) -> Optional[jax.Array]:
     return jnp.sum(g2.astype(jnp.float32), axis=0).astype(bias.dtype)
 
 
-def _zero_cotangent(w: Int8Rows) -> Int8Rows:
-    return Int8Rows(
-        codes=np.zeros(w.codes.shape, dtype=jax.dtypes.float0), scale=jnp.zeros(w.scale.shape, w.scale.dtype)
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Frozen int8 weight.
 
@@ -142,7 +137,8 @@ def _matmul_frozen_fwd(x2, w, bias, threshold, path):
 
 def _matmul_frozen_bwd(threshold, path, residuals, g2):
     w, bias, x_dtype_marker = residuals
-    return _grad_input(g2, w, x_dtype_marker.dtype), _zero_cotangent(w), _grad_bias(g2, bias)
+    # None: a zero cotangent for the frozen weight, typed by JAX (inside shard_map, too).
+    return _grad_input(g2, w, x_dtype_marker.dtype), None, _grad_bias(g2, bias)
 
 
 _matmul_frozen.defvjp(_matmul_frozen_fwd, _matmul_frozen_bwd)

@@ -197,7 +197,7 @@ def dequantize_absmax(q: Packed4bit) -> jax.Array:
       float32 array of shape ``(q.nblocks,)``.
     """
     if not q.nested:
-        return q.absmax.astype(jnp.float32)
+        return q.absmax.astype(jnp.float32).reshape(-1)  # flat also for a row view (qflax.sharding)
     decoded = blockwise.dequantize_flat(q.absmax, q.nested_absmax, q.nested_quant_map, q.nested_blocksize)
     return decoded + q.nested_offset.astype(jnp.float32)
 
@@ -234,7 +234,9 @@ def check_structure(q: Packed4bit, name: str) -> Packed4bit:
 
     if not isinstance(q, Packed4bit):
         raise TypeError(f"{name} must be a qflax.quant.Packed4bit, got {type(q).__name__}")
-    checkpoint_checks_4bit.check_packed4bit(q, name, values=False)
+    from qflax.quant import fourbit_rows  # the row view (qflax.sharding): checked as the flat bytes it holds
+
+    checkpoint_checks_4bit.check_packed4bit(fourbit_rows.flat_shapes(q, name), name, values=False)
     return q
 
 
