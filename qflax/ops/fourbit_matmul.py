@@ -78,7 +78,11 @@ def _grad_input_product(g: jax.Array, q: Packed4bit, compute_dtype: str) -> jax.
 def _matmul_impl(x, q, bias, compute_dtype, requested_backend):
     path = _choose(OP_NAME, requested_backend, x, q, compute_dtype)
     if path == "triton":
-        return fourbit_partitioning.fourbit_forward(x, q, bias, compute_dtype)
+        # The partitioned wrapper only where there is something to partition: the single-device
+        # program keeps the bare kernel call (the one validated on the GPU).
+        if jax.device_count() > 1:
+            return fourbit_partitioning.fourbit_forward(x, q, bias, compute_dtype)
+        return fourbit_kernels.forward(x, fourbit_rows.to_flat(q), bias, compute_dtype)
     return _forward_product(x, q, bias, compute_dtype)
 
 
@@ -94,7 +98,10 @@ def _matmul_bwd(compute_dtype, requested_backend, residuals, g):
     q, bias = residuals
     path = _choose(GRAD_INPUT_OP_NAME, requested_backend, g, q, compute_dtype)
     if path == "triton":
-        grad_x = fourbit_partitioning.fourbit_grad_input(g, q, compute_dtype).astype(g.dtype)
+        if jax.device_count() > 1:
+            grad_x = fourbit_partitioning.fourbit_grad_input(g, q, compute_dtype).astype(g.dtype)
+        else:
+            grad_x = fourbit_kernels.grad_input(g, fourbit_rows.to_flat(q), compute_dtype).astype(g.dtype)
     else:
         grad_x = _grad_input_product(g, q, compute_dtype).astype(g.dtype)  # g has x's dtype
     grad_bias = None

@@ -94,8 +94,11 @@ def _forward(x2: jax.Array, w: Int8Rows, bias: Optional[jax.Array], threshold: f
     """The LLM.int8 product of 2-D ``x2 (M, K)``, float32 ``(M, N)`` including bias."""
     if path == "triton":
         # Same maths in Triton kernels; the output comes back in x's dtype (cast once, in the kernel).
-        # (partitioning: the same kernels per shard when the weight is sharded.)
-        return int8_partitioning.llm_int8_forward(x2, w.codes, w.scale, bias, threshold)
+        # (partitioning: the same kernels per shard when the weight is sharded; one device keeps
+        # the bare kernel calls validated on the GPU.)
+        if jax.device_count() > 1:
+            return int8_partitioning.llm_int8_forward(x2, w.codes, w.scale, bias, threshold)
+        return int8_kernels.run_llm_int8(x2, w.codes, w.scale, bias, threshold)
     codes, row_stats, mask = int8_quant.int8_vectorwise_quant(x2, threshold)
     acc = int8_quant.int8_linear_matmul(codes, w.codes)
     out = int8_quant.int8_mm_dequant(acc, row_stats, w.scale)
