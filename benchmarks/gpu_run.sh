@@ -54,14 +54,14 @@ PY
       (cd benchmarks && timeout 400 python3 tune_4bit_tiles.py ${TUNE_ARGS:---planned} --out "$OUT/tune.json" 2>&1 | tail -40)
       ;;
     torch-tests)
-      QFLAX_TORCH_DIRECT=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -m gpu -q -n 4 -p no:cacheprovider \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -m gpu -q -n 4 -p no:cacheprovider \
         tests/torch_compat_kernels 2>&1 | tee "$OUT/torch_gpu_tests.log" | tail -25 || status=1
       ;;
     overhead)
-      QFLAX_TORCH_DIRECT=1 timeout 150 python3 benchmarks/bench_overhead.py --device cuda --out "$OUT" 2>&1 | grep -v Warning | tail -8
+      timeout 150 python3 benchmarks/bench_overhead.py --device cuda --out "$OUT" 2>&1 | grep -v Warning | tail -8
       ;;
     generate)
-      QFLAX_TORCH_DIRECT=1 timeout 540 python3 benchmarks/bench_torch_generate.py ${GEN_ARGS:-} --out "$OUT/torch_generate.json" 2>&1 \
+      timeout 540 python3 benchmarks/bench_torch_generate.py ${GEN_ARGS:-} --out "$OUT/torch_generate.json" 2>&1 \
         | grep -v Warning | tail -30
       ;;
     *) echo "unknown step $step"; status=2 ;;

@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional, Sequence  # noqa: E402
 import jax  # noqa: E402
 import torch  # noqa: E402
 
+from qflax.ops import dispatch  # noqa: E402
+
 from torch_compat import forwards  # noqa: E402
 
 # DLPack device types (dlpack.h): the only two torch_compat moves data between.
@@ -227,6 +229,9 @@ class JaxFunction(torch.autograd.Function):
     def forward(ctx, op: JaxOp, consts: Any, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
         arrays = tuple(to_jax(t) for t in tensors)
         ctx.op, ctx.consts, ctx.arrays = op, consts, arrays
+        # torch runs the backward of CUDA tensors on its autograd thread, outside the caller's
+        # `use_backend` context (a per-thread setting): the backward applies the forward's choice.
+        ctx.backend = dispatch.requested_backend()
         # The jax arrays share the tensors' memory, so the tensors must stay alive. When the vjp reads
         # their values, save_for_backward also records their versions: backward then raises, as
         # torch.nn.Linear does, if one was modified in place in between (instead of differentiating at
@@ -248,7 +253,8 @@ class JaxFunction(torch.autograd.Function):
         )
         if not any(need):
             return (None, None) + (None,) * len(need)
-        grads = ctx.op.backward(ctx.consts, ctx.arrays, to_jax(grad), need)
+        with dispatch.use_backend(ctx.backend):
+            grads = ctx.op.backward(ctx.consts, ctx.arrays, to_jax(grad), need)
         return (None, None) + tuple(to_torch(g) for g in grads)
 
 

@@ -14,8 +14,7 @@ taken where the JAX op would run the same kernel:
 - "triton": on CUDA, or on CPU tensors when the kernels run in Triton's interpreter (tests).
 
 Everywhere else the layer computes through JAX by DLPack, as before; :func:`dlpack_only` (or
-``QFLAX_TORCH_DIRECT=0``) keeps every call on that path, e.g. to compare the two. Until the
-direct path has passed its GPU tests, "auto" takes it only with ``QFLAX_TORCH_DIRECT=1``. The decisions read only
+``QFLAX_TORCH_DIRECT=0``) keeps every call on that path, e.g. to compare the two. The decisions read only
 shapes, dtypes and Python settings: the settings functions are constants to torch.compile
 (``assume_constant_result``), so a compiled graph keeps the path it was compiled with.
 :func:`last_path` says which path the last eager call took ("kernel" or "dlpack").
@@ -65,12 +64,7 @@ def _requested_backend() -> str:
     setting = os.environ.get(ENV_VAR)
     if not _direct_allowed.get() or setting == "0":
         return "dlpack"
-    wanted = dispatch.requested_backend()
-    if wanted == "auto" and setting != "1":
-        # Not yet run on a GPU (2026-12-01): "auto" keeps the DLPack path unless QFLAX_TORCH_DIRECT=1;
-        # an explicit "triton" (tests, the interpreter) takes the kernels.
-        return "dlpack"
-    return wanted
+    return dispatch.requested_backend()
 
 
 @functools.lru_cache(maxsize=None)

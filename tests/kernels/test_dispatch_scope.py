@@ -162,3 +162,30 @@ def test_torch_compat_layers_from_a_thread_pool_match_sequential_calls():
         threaded = list(pool.map(lambda x: layer(x).detach(), inputs))
     for a, b in zip(sequential, threaded):
         assert torch.equal(a, b)
+
+
+def test_a_torch_backward_on_another_thread_keeps_the_forwards_backend(monkeypatch):
+    """torch's autograd engine runs CUDA backwards on its own thread; the forward's choice must hold there."""
+    torch = pytest.importorskip("torch")
+    import torch_compat as bnb
+    from torch_compat import bridge
+
+    seen = []
+    original = bridge.JaxOp.backward
+
+    def spy(self, *args):
+        seen.append(dispatch.requested_backend())
+        return original(self, *args)
+
+    monkeypatch.setattr(bridge.JaxOp, "backward", spy)
+    torch.manual_seed(0)
+    layer = bnb.nn.LinearNF4(64, 32, compute_dtype=torch.float32).to("cpu")  # quantizes
+    x = torch.randn(3, 64, requires_grad=True)
+    with ops.use_backend("xla"):
+        y = layer(x)
+    # As the autograd thread would: no `use_backend` context of the caller there.
+    worker = threading.Thread(target=lambda: y.backward(torch.ones_like(y)))
+    worker.start()
+    worker.join()
+    assert seen == ["xla"]
+    assert x.grad is not None and torch.isfinite(x.grad).all()

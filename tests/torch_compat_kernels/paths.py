@@ -4,11 +4,17 @@
   (here, CPU tensors in Triton's interpreter);
 - :func:`jax_kernel`: DLPack to JAX, whose op runs the same kernel through its ``triton_call``
   primitive (same launch, so the results must be bit-identical);
-- :func:`jax_xla`: DLPack to JAX, XLA reference path (the semantics; rounding may differ).
+- :func:`jax_xla`: DLPack to JAX, XLA reference path (the semantics; rounding may differ). Its
+  float32 dots run at full precision: XLA's default on a GPU is TF32, while the kernels compute
+  float32 exactly. The setting is process-wide while it runs, not a thread-local context:
+  torch's autograd engine runs the backward of CUDA tensors on its own thread.
 
 Each asserts which path ran, so a test cannot pass by comparing a path with itself.
 """
 
+import contextlib
+
+import jax
 import torch
 
 from qflax.ops import use_backend
@@ -33,8 +39,18 @@ def jax_kernel(layer, x, op, grad=None):
         return _run(layer, x, op, direct_path.DLPACK, grad)
 
 
+@contextlib.contextmanager
+def _full_precision_dots():
+    before = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+
+
 def jax_xla(layer, x, op, grad=None):
-    with use_backend("xla"):
+    with use_backend("xla"), _full_precision_dots():
         return _run(layer, x, op, direct_path.DLPACK, grad)
 
 

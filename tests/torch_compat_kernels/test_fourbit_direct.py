@@ -157,8 +157,6 @@ def test_auto_uses_the_kernels_on_cuda_within_the_measured_rows(monkeypatch):
     monkeypatch.setattr(direct_path, "_device_supported_cached", lambda device_type, index, dtype: device_type == "cuda")
     cuda = torch.device("cuda", 0)
     monkeypatch.delenv(direct_path.ENV_VAR, raising=False)
-    assert not direct_path.use_kernel(OP, cuda, "bfloat16", True, True)  # opt-in until run on a GPU
-    monkeypatch.setenv(direct_path.ENV_VAR, "1")
     max_rows = direct_path.fourbit_max_rows(4096, "bfloat16")
     assert max_rows == 512
     assert direct_path.use_kernel(OP, cuda, "bfloat16", True, 512 <= max_rows)
@@ -167,3 +165,5 @@ def test_auto_uses_the_kernels_on_cuda_within_the_measured_rows(monkeypatch):
     assert not direct_path.use_kernel(OP, torch.device("cpu"), "bfloat16", True, True)
     with direct_path.dlpack_only():
         assert not direct_path.use_kernel(OP, cuda, "bfloat16", True, True)
+    monkeypatch.setenv(direct_path.ENV_VAR, "0")
+    assert not direct_path.use_kernel(OP, cuda, "bfloat16", True, True)
