@@ -40,6 +40,15 @@ class MatmulLtState:
     use_pool = False
     formatB = "row"
 
+    def defer_idx(self, columns: torch.Tensor) -> None:
+        """Sets ``idx`` from a boolean column mask, read on the host only when ``idx`` is read.
+
+        Finding the indices (``nonzero``) waits for the device; deferring it keeps a forward
+        free of host synchronisation, as bitsandbytes' callers rarely read ``idx``.
+        """
+        self.__dict__["idx"] = None
+        self.__dict__["_idx_columns"] = columns
+
     def reset_grads(self) -> None:
         """Drops the quantized weight (it is re-made at the next forward)."""
         self.CB = self.CxB = self.SB = self.SCB = self.CxBt = self.SBt = self.CBt = None
@@ -49,10 +58,31 @@ class MatmulLtState:
         raise ValueError("tile_indices is no longer supported.")
 
 
-def outlier_indices(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Sorted int64 indices of the columns of ``x`` (leading dims flattened) holding any ``|x| >= threshold``."""
+class _DeferredIdx:
+    """``MatmulLtState.idx``: a plain attribute, except after :meth:`MatmulLtState.defer_idx`, whose
+    column mask becomes the sorted int64 indices on first read (one host synchronisation then)."""
+
+    def __get__(self, state, owner=None):
+        if state is None:
+            return None  # the dataclass default
+        columns = state.__dict__.get("_idx_columns")
+        if columns is not None:
+            state.__dict__["idx"] = torch.nonzero(columns).flatten()
+            state.__dict__["_idx_columns"] = None
+        return state.__dict__.get("idx")
+
+    def __set__(self, state, value):
+        state.__dict__["_idx_columns"] = None
+        state.__dict__["idx"] = value
+
+
+MatmulLtState.idx = _DeferredIdx()  # after the dataclass is built: ``idx`` stays one of its fields
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean (in_features,) mask of the columns of ``x`` (leading dims flattened) holding any ``|x| >= threshold``."""
     with torch.no_grad():
-        return torch.nonzero((x.reshape(-1, x.shape[-1]).abs() >= threshold).any(0)).flatten()
+        return (x.reshape(-1, x.shape[-1]).abs() >= threshold).any(0)
 
 
 def matmul(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None, state: Optional[MatmulLtState] = None,
@@ -79,7 +109,7 @@ def matmul(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None,
             bridge.jax_op(forwards.linear_8bit_trainable, threshold=float(state.threshold)), None, A, B, bias
         )
     if state.threshold > 0:
-        state.idx = outlier_indices(A, state.threshold)
+        state.defer_idx(outlier_columns(A, state.threshold))
     if out is not None:
         out.copy_(result)
         return out

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from torch_compat import cuda_weights, direct_path, fourbit_ops, int8_ops
-from torch_compat.autograd import outlier_indices
+from torch_compat.autograd import outlier_columns
 from torch_compat.kernel_launch import call, dtype_name
 
 
@@ -56,8 +56,9 @@ def linear_4bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
 def linear_8bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``Linear8bitLt.forward`` (LLM.int8) through the ``qflax::`` int8 ops, or None where DLPack applies.
 
-    Sets ``state.is_training`` and, with a threshold, ``state.idx`` (the outlier columns, which
-    needs a host read: skipped under torch.compile and CUDA-graph capture), as the JAX path does.
+    Sets ``state.is_training`` and, with a threshold, ``state.idx`` (the outlier columns, found on
+    the device and read on the host only when ``idx`` is read; not set under torch.compile and
+    CUDA-graph capture), as the JAX path does.
 
     Args:
       layer: a Linear8bitLt whose input width was already checked.
@@ -86,7 +87,7 @@ def linear_8bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
         codes, scale = cuda_weights.int8_weight(layer, *layer._int8_weight())
         out = call(torch.ops.qflax.llm_int8_matmul, int8_ops.llm_int8_matmul_body, x2, codes, scale, bias, threshold)
     if threshold > 0 and not torch.compiler.is_compiling() and not _capturing(x):
-        layer.state.idx = outlier_indices(x, threshold)
+        layer.state.defer_idx(outlier_columns(x, threshold))
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -167,3 +167,15 @@ def test_vmap_over_x_folds_into_one_launch_and_matches_per_example():
     got = np.asarray(jax.vmap(f)(x), np.float32)
     want = np.stack([np.asarray(f(x[i]), np.float32) for i in range(3)])
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("nblocks", [255, 256, 700])
+def test_decoding_nested_absmax_before_the_kernel_gives_the_reference_absmax(nblocks):
+    """The forward launches decode double-quantized absmax in XLA with the kernels' formula."""
+    rng = np.random.default_rng(nblocks)
+    q = fourbit.quantize_4bit(jnp.asarray(rng.standard_normal((nblocks, 64)).astype(np.float32) * 3),
+                              blocksize=64, compress_statistics=True)
+    got = fourbit_jax.decode_nested_absmax(q.absmax, q.nested_quant_map, q.nested_absmax, q.nested_offset)
+    want = fourbit.dequantize_absmax(q)
+    assert got.dtype == jnp.float32 and got.shape == (nblocks,)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-7, atol=0)

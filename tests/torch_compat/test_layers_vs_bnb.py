@@ -1,5 +1,7 @@
 """Every quantized layer against bitsandbytes 0.49.2 on CPU: same weights and inputs, outputs and gradients."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -186,3 +188,20 @@ def test_matmul_int8_functional(bnb_ref, gen):
     ref = bnb_ref.matmul(x, CB, state=rstate)
     assert ours.dtype == torch.float16
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-3)
+
+
+def test_outlier_idx_is_found_on_the_device_and_read_when_asked(bnb_ref, gen):
+    """state.idx holds bitsandbytes' value, but the forward leaves it as a device mask (no host read)."""
+    x = torch.randn(4, 96, generator=gen)
+    x[:, 11] = 9.0
+    x[2, 70] = -9.0
+    ours = tc.nn.Linear8bitLt(96, 40, has_fp16_weights=False, threshold=6.0).to("cpu")
+    ours(x.half())
+    columns = ours.state.__dict__["_idx_columns"]
+    assert columns.dtype == torch.bool and columns.shape == (96,)
+    assert ours.state.idx.tolist() == [11, 70] and ours.state.idx.dtype == torch.int64
+    assert ours.state.__dict__["_idx_columns"] is None  # read once, then a plain value
+    ours.state.idx = torch.tensor([1])  # assignment still works, as on bitsandbytes' dataclass
+    assert ours.state.idx.tolist() == [1]
+    fields = [f.name for f in dataclasses.fields(ours.state)]
+    assert fields == [f.name for f in dataclasses.fields(bnb_ref.autograd._functions.MatmulLtState)]

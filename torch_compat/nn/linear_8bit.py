@@ -5,7 +5,7 @@ from torch import nn
 
 from qflax.quant import Int8Rows
 from torch_compat import bridge, forwards, kernel_layers
-from torch_compat.autograd import MatmulLtState, outlier_indices
+from torch_compat.autograd import MatmulLtState, outlier_columns
 from torch_compat.nn.checkpoint import Int8Checkpoint
 from torch_compat.nn.linear_4bit import check_input_width
 from torch_compat.nn.params import Int8Params
@@ -59,7 +59,7 @@ class Int8Layer(Int8Checkpoint):
             op = bridge.jax_op(frozen_fn, threshold=threshold)
             out = bridge.call(op, self._int8_rows(), x, self.bias)
         if threshold > 0:
-            self.state.idx = outlier_indices(x, threshold)
+            self.state.defer_idx(outlier_columns(x, threshold))
         return out
 
 
