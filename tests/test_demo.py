@@ -137,7 +137,7 @@ def test_whole_model_in_nf4_through_the_embed_factory(float_params, tokenizer):
     # Dense layers and embedding tables all NF4: about 1/7 of the float32 bytes, embeddings still close.
     from qflax import linen as qnn
 
-    variables = qnn.quantize_params_4bit(float_params, quant_type="nf4")
+    variables = qnn.quantize_params(float_params, qnn.Rule("*", quant_type="nf4"))
     assert "word_embeddings" in variables["quantized"] and "word_embeddings" not in variables["params"]
     model = minilm.MiniLM(dense=qnn.DenseNF4, embed=qnn.EmbedNF4)
     ids, mask = minilm.tokenize(tokenizer, FEW)

@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qflax.linen.dense_4bit import Dense4bit, Initializer
+from qflax.linen.dense_4bit import Dense4bit, owner_name
+from qflax.linen.dense_params import Initializer
 
 # PEFT's kaiming_uniform(a=sqrt(5)) on A: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 default_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -46,7 +47,7 @@ class LoRADense4bit(Dense4bit):
           ValueError: ``lora_rank`` is not a positive integer (besides Dense4bit's errors).
         """
         if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank <= 0:
-            raise ValueError(f"{self._owner()}: lora_rank must be a positive integer, got {self.lora_rank!r}")
+            raise ValueError(f"{owner_name(self)}: lora_rank must be a positive integer, got {self.lora_rank!r}")
         frozen = self.frozen_output(inputs)
         in_features = inputs.shape[-1]
         lora_a = self.param("lora_a", self.lora_a_init, (in_features, self.lora_rank), self.param_dtype)

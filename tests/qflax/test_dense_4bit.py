@@ -101,9 +101,9 @@ def test_grad_over_params_only_with_frozen_quantized_weight():
 
 def test_fixed_quant_type_classes():
     assert DenseNF4(4).quant_type == "nf4" and DenseFP4(4).quant_type == "fp4"
-    with pytest.raises(ValueError, match="DenseNF4 quant_type is fixed to 'nf4'"):
+    with pytest.raises(ValueError, match="DenseNF4 fixes quant_type='nf4'"):
         DenseNF4(4, quant_type="fp4")
-    with pytest.raises(ValueError, match="DenseFP4 quant_type is fixed to 'fp4'"):
+    with pytest.raises(ValueError, match="DenseFP4 fixes quant_type='fp4'"):
         DenseFP4(4, quant_type="nf4")
 
 

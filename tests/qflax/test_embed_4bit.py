@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qflax.linen import Embed4bit, EmbedFP4, EmbedNF4, load_bnb_4bit, to_bnb_4bit_state_dict
+from qflax.linen import Embed4bit, EmbedFP4, EmbedNF4, from_bnb_checkpoint, to_bnb_checkpoint
 from qflax.ops import embed_4bit
 from qflax.quant import dequantize_4bit, quantize_4bit
 
@@ -126,9 +126,9 @@ def test_attend_is_the_tied_output_projection():
 def test_embed_tables_export_and_load_like_dense_weights():
     model = EmbedNF4(40, 64)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.arange(4))
-    state = to_bnb_4bit_state_dict(variables)
+    state = to_bnb_checkpoint(variables)
     assert "weight.quant_state.bitsandbytes__nf4" in state
-    reloaded = load_bnb_4bit(state)
+    reloaded = from_bnb_checkpoint(state)
     ids = jnp.arange(40)
     np.testing.assert_array_equal(np.asarray(model.apply(reloaded, ids)), np.asarray(model.apply(variables, ids)))
 
@@ -144,7 +144,7 @@ def test_bad_inputs_raise_clear_errors():
         EmbedFP4(16, 64).apply({"quantized": {"weight": q}}, jnp.array([1]))
     with pytest.raises(KeyError, match="no variable 'weight'"):
         model.apply({}, jnp.array([1]))
-    with pytest.raises(ValueError, match="EmbedNF4 quant_type is fixed to 'nf4'"):
+    with pytest.raises(ValueError, match="EmbedNF4 fixes quant_type='nf4'"):
         EmbedNF4(4, 64, quant_type="fp4")
     with pytest.raises(ValueError, match="features must be a positive integer"):
         Embed4bit(4, 0).init(jax.random.key(0), jnp.array([1]))
