@@ -1,4 +1,4 @@
-"""``QuantState``: bitsandbytes' 4-bit / blockwise state container over torch tensors (SPEC §2).
+"""``QuantState``: bitsandbytes' 4-bit / blockwise state container over torch tensors (docs/state_dict.md).
 
 It holds the same fields as bitsandbytes' class and serialises to the same dicts (the packed
 JSON entry is byte-identical). ``to_packed4bit``/``from_packed4bit`` convert to and from
@@ -11,6 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from qflax import bnb_format
 from qflax.quant import Packed4bit
 from torch_compat import bridge
 
@@ -114,8 +115,8 @@ class QuantState:
         """The state as a dict; ``packed=True`` gives the tensors-only form used in state dicts.
 
         With ``packed=True`` the non-tensor items become one uint8 CPU tensor
-        ``quant_state.bitsandbytes__<quant_type>`` holding ``json.dumps`` of them, in
-        bitsandbytes' key order and separators (byte-identical).
+        ``quant_state.bitsandbytes__<quant_type>`` holding their JSON, written by
+        :func:`qflax.bnb_format.encode_quant_state` (byte-identical to bitsandbytes').
         """
         items = {
             "quant_type": self.quant_type,
@@ -136,9 +137,10 @@ class QuantState:
         if not packed:
             return items
         tensors = {k: v for k, v in items.items() if isinstance(v, torch.Tensor)}
-        meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in items.items() if not isinstance(v, torch.Tensor)}
-        blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
-        tensors[f"quant_state.bitsandbytes__{self.quant_type}"] = torch.from_numpy(blob)
+        nested = (items["nested_blocksize"], items["nested_dtype"], items["nested_offset"]) if self.nested else None
+        meta = bnb_format.encode_quant_state(self.quant_type, self.blocksize, items["dtype"], items["shape"], nested)
+        blob = torch.from_numpy(np.frombuffer(meta, np.uint8).copy())
+        tensors[f"{bnb_format.QUANT_STATE_KEY}{self.quant_type}"] = blob
         return tensors
 
     def to(self, device) -> None:
