@@ -1,13 +1,14 @@
 # The two set-up commands of a fresh machine: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-BASE_STAMP := $(VENV)/.base-installed
+DEMO_STAMP := $(VENV)/.demo-installed
 TEST_STAMP := $(VENV)/.test-installed
 # torch 2.13.0 is the CPU build a CPU machine has on disk; installing it first keeps the
 # `torch` requirements of the extras (and of bitsandbytes, and of the demo model's wheel through
-# sentence-transformers) from pulling CUDA wheels.
+# sentence-transformers) from pulling CUDA wheels. `pip install qflax` itself needs no torch.
 TORCH_PIN ?= torch==2.13.0
-PYTEST_ARGS ?=
+# One pytest worker per core (pytest-xdist); the slow group (demo, notebooks) runs too.
+PYTEST_ARGS ?= -n auto
 
 .PHONY: demo test clean
 
@@ -15,9 +16,9 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(BASE_STAMP): pyproject.toml | $(PY)
+$(DEMO_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[demo]"
 	touch $@
 
 $(TEST_STAMP): pyproject.toml | $(PY)
@@ -25,7 +26,7 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test,notebooks]"
 	touch $@
 
-demo: $(BASE_STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m qflax demo
 
 test: $(TEST_STAMP)
