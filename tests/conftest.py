@@ -1,4 +1,9 @@
-"""Test-wide settings: 8 host CPU devices (for sharding tests), strict dtype promotion, the gpu marker."""
+"""Test-wide settings: 8 host CPU devices (for sharding tests), strict dtype promotion, the gpu marker, and
+the backend every test runs on.
+
+Each setting is made at import, before jax is imported, so it holds in every pytest-xdist worker too
+(each worker imports this file first).
+"""
 
 import os
 
@@ -7,11 +12,39 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from qflax import ops  # noqa: E402
+
 # Strict promotion turns silent int8 -> float or fp16 -> fp32 upcasts into errors.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# The kernel tests choose their backends themselves (Triton's interpreter on CPU, explicit backend=).
+KERNEL_TESTS = Path(__file__).parent / "kernels"
+
+
+@pytest.fixture(autouse=True)
+def pinned_backend(request):
+    """Runs each test on one backend, whatever the machine: "xla" (the reference the numeric tests were
+    written against), "triton" for tests marked ``gpu``, or what a ``backend(name)`` marker says ("auto":
+    the dispatch rules themselves are under test). Kernel tests under tests/kernels are left alone."""
+    marker = request.node.get_closest_marker("backend")
+    if marker is not None:
+        name = marker.args[0]
+    elif request.node.get_closest_marker("gpu") is not None:
+        name = "triton"
+    elif KERNEL_TESTS in Path(request.node.path).parents:
+        name = "auto"
+    else:
+        name = "xla"
+    if name == "auto":
+        yield name
+        return
+    with ops.use_backend(name):
+        yield name
 
 
 def pytest_collection_modifyitems(config, items):

@@ -229,6 +229,7 @@ def test_matmul_4bit_op_dispatches_to_the_kernels(dtype):
     assert _relative_error(y_vmap, y_xla.astype(jnp.float32)) < tolerance
 
 
+@pytest.mark.backend("auto")
 def test_matmul_4bit_op_falls_back_to_xla_for_other_blocksizes():
     from qflax.ops import last_path, matmul_4bit
 

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qflax.linen import SwitchBackDense, SwitchBackDenseBnb
+import bitsandbytes as bnb
+import torch
 
-torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
+from qflax.linen import SwitchBackDense, SwitchBackDenseBnb
 
 IN_FEATURES, OUT_FEATURES, BATCH = 83, 332, 13
 DTYPES = {"float16": (jnp.float16, torch.float16), "bfloat16": (jnp.bfloat16, torch.bfloat16), "float32": (jnp.float32, torch.float32)}
