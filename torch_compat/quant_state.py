@@ -68,7 +68,7 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device) -> "QuantState":
-        """Rebuilds a state from the packed form of :meth:`as_dict` (as bitsandbytes, SPEC §2).
+        """Rebuilds a state from the packed form of :meth:`as_dict` (as bitsandbytes, docs/state_dict.md#quantstate).
 
         Args:
           qs_dict: entries as in a state dict; key prefixes (up to the last ".") are ignored.

@@ -141,7 +141,8 @@ def test_state_dict_json_bytes_match_bitsandbytes(dtype, nested, shape):
         assert ours[k].dtype == theirs[k].numpy().dtype and ours[k].shape == tuple(theirs[k].shape), k
     np.testing.assert_array_equal(ours["weight.quant_map"], theirs["weight.quant_map"].numpy())
     if nested:
-        # bitsandbytes' CPU path writes -1.0 into entry 0 of its dynamic map (SPEC §1.4); we keep CUDA's value.
+        # bitsandbytes' CPU path writes -1.0 into entry 0 of its dynamic map (docs/blockwise.md#dynamic-map);
+        # we keep CUDA's value.
         np.testing.assert_array_equal(ours["weight.nested_quant_map"][1:], theirs["weight.nested_quant_map"].numpy()[1:])
         assert ours["weight.nested_quant_map"][0] == np.float32(-0.99296874)
 
@@ -171,7 +172,7 @@ def test_fp4_follows_cuda_rules_and_dequantizes_like_bitsandbytes(dtype, blocksi
     theirs = F.dequantize_4bit(torch.from_numpy(sd["weight"]), state)
     ours = np.asarray(quant.dequantize_4bit(q).astype(jnp.float32))
     np.testing.assert_allclose(ours, theirs.float().numpy(), rtol=1e-3, atol=1e-3 * float(ref_absmax.max()))
-    # And its own FP4 quantization disagrees with the CUDA rules only on a small fraction (SPEC §1.3).
+    # And its own FP4 quantization disagrees with the CUDA rules only on a small fraction (docs/fourbit.md#rounding).
     packed_bnb, _ = F.quantize_4bit(a, blocksize=blocksize, quant_type="fp4")
     theirs_codes = np.asarray(quant.unpack_nibbles(jnp.asarray(packed_bnb.numpy())))
     assert np.mean(theirs_codes != ref_codes) < 0.02

@@ -1,4 +1,4 @@
-"""int8_vectorwise_quant with a threshold vs bitsandbytes 0.49.2 (SPEC §3.5): the row absmax
+"""int8_vectorwise_quant with a threshold vs bitsandbytes 0.49.2 (docs/int8.md#quantization): the row absmax
 leaves out only the outlier elements, not the whole outlier columns."""
 
 import bitsandbytes.functional as F
