@@ -7,8 +7,9 @@ TEST_STAMP := $(VENV)/.test-installed
 # `torch` requirements of the extras (and of bitsandbytes, and of the demo model's wheel through
 # sentence-transformers) from pulling CUDA wheels. `pip install qflax` itself needs no torch.
 TORCH_PIN ?= torch==2.13.0
-# One pytest worker per core (pytest-xdist); the slow group (demo, notebooks) runs too.
-PYTEST_ARGS ?= -n auto
+# One pytest worker per core (pytest-xdist); tests sharing an expensive module fixture stay on one worker
+# (xdist_group); the slow group (demo, notebooks) runs too.
+PYTEST_ARGS ?= -n auto --dist loadgroup
 
 .PHONY: demo test clean
 

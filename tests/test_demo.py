@@ -13,6 +13,8 @@ from qflax.examples import minilm
 from qflax.examples.sentences import SENTENCES
 
 FEW = SENTENCES[:12]
+# The model and the demo table are module fixtures: one pytest-xdist worker computes them (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("demo")
 
 
 @pytest.fixture(scope="module")

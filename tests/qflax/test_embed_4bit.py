@@ -10,6 +10,7 @@ import pytest
 from qflax.linen import Embed4bit, EmbedFP4, EmbedNF4, from_bnb_checkpoint, to_bnb_checkpoint
 from qflax.ops import embed_4bit
 from qflax.quant import dequantize_4bit, quantize_4bit
+from tests.pairwise import pairwise
 
 quantize = jax.jit(quantize_4bit, static_argnames=("blocksize", "quant_type", "compress_statistics"))
 ID_SHAPES = ((10,), (10, 10), (10, 10, 10))
@@ -24,9 +25,8 @@ def random_ids(shape, rows, seed=1):
     return jax.random.randint(jax.random.key(seed), shape, 0, rows)
 
 
-@pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("features", [128, 65])  # whole blocks per row (partial decode) / blocks straddle rows
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+# features 128: whole blocks per row (partial decode); 65: blocks straddle rows. Pairwise: 4 of 8 cases.
+@pytest.mark.parametrize("quant_type,features,nested", pairwise(["nf4", "fp4"], [128, 65], [False, True]))
 def test_lookup_equals_rows_of_the_dequantized_table(quant_type, features, nested):
     q = table(50, features, quant_type, nested)
     full = np.asarray(dequantize_4bit(q))
