@@ -24,7 +24,7 @@ class Model(nn.Module):
 
 @pytest.fixture(scope="module")
 def params():
-    return Model().init(jax.random.key(0), IDS)["params"]
+    return jax.jit(Model().init)(jax.random.key(0), IDS)["params"]
 
 
 def _same(a, b):
@@ -101,6 +101,6 @@ def test_nnx_aliases_and_deprecated_quantize_model_arguments():
         net = qn.quantize_model(Net(nnx.Rngs(0)), dense=qn.DenseFP4, embed=qn.Embed8bit, exclude=("head",))
     assert isinstance(net.fc, qn.DenseFP4) and isinstance(net.tok, qn.Embed8bit) and isinstance(net.head, nnx.Linear)
     with pytest.raises(TypeError, match="dense"), pytest.warns(DeprecationWarning):
-        qn.quantize_model(Net(nnx.Rngs(0)), dense=nnx.Linear)
+        qn.quantize_model(net, dense=nnx.Linear)
     with pytest.raises(TypeError, match="exclude"), pytest.warns(DeprecationWarning):
-        qn.quantize_model(Net(nnx.Rngs(0)), exclude="head")
+        qn.quantize_model(net, exclude="head")
