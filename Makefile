@@ -34,4 +34,4 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .pytest_cache
