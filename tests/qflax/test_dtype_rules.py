@@ -18,19 +18,17 @@ X = jax.random.normal(jax.random.key(0), (3, K), jnp.float32).astype(jnp.float16
 IDS = jnp.array([[1, 2], [3, 4]], jnp.int32)
 BF16 = jnp.bfloat16
 
-# (id, Linen layer, NNX factory, input, the output dtype the rule gives)
+# (id, Linen layer, NNX factory, input, the output dtype the rule gives). The defaults (compute_dtype and
+# dtype None: the input's dtype) are checked for every layer by test_nnx_twins.py.
 CASES = [
-    ("Dense4bit-compute-none", ql.Dense4bit(N), lambda r: qn.Dense4bit(K, N, rngs=r), X, jnp.float16),
     ("Dense4bit-compute-bf16", ql.Dense4bit(N, compute_dtype=BF16),
      lambda r: qn.Dense4bit(K, N, compute_dtype=BF16, rngs=r), X, jnp.float16),
     ("LoRADense4bit-compute-bf16", ql.LoRADense4bit(N, compute_dtype=BF16, lora_rank=2), None, X, jnp.float16),
-    ("Dense8bitLt-none", ql.Dense8bitLt(N), lambda r: qn.Dense8bitLt(K, N, rngs=r), X, jnp.float16),
     ("Dense8bitLt-bf16", ql.Dense8bitLt(N, dtype=BF16), lambda r: qn.Dense8bitLt(K, N, dtype=BF16, rngs=r), X, BF16),
     ("Dense8bitLt-trainable-f32", ql.Dense8bitLt(N, dtype=jnp.float32, has_fp16_weights=True),
      lambda r: qn.Dense8bitLt(K, N, dtype=jnp.float32, has_fp16_weights=True, rngs=r), X, jnp.float32),
     ("SwitchBackDense-bf16", ql.SwitchBackDense(N, dtype=BF16),
      lambda r: qn.SwitchBackDense(K, N, dtype=BF16, rngs=r), X, BF16),
-    ("SwitchBackDense-none", ql.SwitchBackDense(N), lambda r: qn.SwitchBackDense(K, N, rngs=r), X, jnp.float16),
     ("StandardDense-bf16", ql.StandardDense(N, dtype=BF16),
      lambda r: qn.StandardDense(K, N, dtype=BF16, rngs=r), X, BF16),
     ("SwitchBackDenseBnb-bf16", ql.SwitchBackDenseBnb(N, dtype=BF16),
