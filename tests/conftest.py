@@ -55,7 +55,13 @@ def pinned_backend(request):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skips `gpu`-marked tests unless JAX runs on a GPU."""
+    """Runs the slow group first and skips `gpu`-marked tests unless JAX runs on a GPU.
+
+    Slow tests (the demo, the notebooks: tens of seconds each) first, so that pytest-xdist's workers
+    finish together instead of one waiting for the last notebook. The order is deterministic, as xdist
+    requires of every worker's collection.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU with jax-triton (run `pytest -m gpu` on the GPU machine)")
