@@ -30,6 +30,11 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 demo: $(DEMO_STAMP)
 	$(PY) -m qflax demo
 
+# Byte-compiled modules are written (into .venv and the tree's __pycache__, both ignored) even where the
+# machine sets PYTHONDONTWRITEBYTECODE: with --no-compile installs, every test process (xdist workers,
+# notebook kernels, subprocess tests) would otherwise compile torch, transformers and jax from source
+# again, several seconds each.
+test: export PYTHONDONTWRITEBYTECODE =
 test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
