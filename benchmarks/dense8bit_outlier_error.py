@@ -25,7 +25,7 @@ def main() -> None:
     x = rng.standard_normal((64, 256)).astype(np.float32)
     x[:, [7, 100, 200]] *= 30.0
     exact = x.astype(np.float64) @ w.T.astype(np.float64) + b
-    variables = qnn.quantize_params_8bit({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)})
+    variables = qnn.quantize_params({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}, qnn.Rule(format="8bit"))
     result = {"device": jax.devices()[0].device_kind, "shape": "64x256 -> 128", "outlier_dims": [7, 100, 200]}
     for threshold in (0.0, 6.0):
         y = np.asarray(qnn.Dense8bitLt(128, threshold=threshold).apply(variables, jnp.asarray(x)), np.float64)

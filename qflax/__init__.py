@@ -3,7 +3,8 @@
 ``import qflax`` needs neither torch nor triton.
 """
 
-from qflax import bnb_format, linen, ops, quant
+from qflax import bnb_format, layers, linen, ops, quant
+from qflax.layers.rules import QuantRules, Rule
 
 __version__ = "0.1.0"
-__all__ = ["bnb_format", "linen", "ops", "quant", "__version__"]
+__all__ = ["QuantRules", "Rule", "bnb_format", "layers", "linen", "ops", "quant", "__version__"]

@@ -1,4 +1,4 @@
-"""bitsandbytes checkpoint format <-> qflax pytrees (SPEC §2, §6.2, §6.3).
+"""bitsandbytes checkpoint format <-> qflax pytrees, per tensor (docs/state_dict.md).
 
 4-bit: ``to_bnb_state_dict`` writes exactly the entries bitsandbytes 0.49.2's
 ``Linear4bit`` saves under a weight key (the packed bytes, absmax, quant_map, nested
@@ -10,7 +10,7 @@ Values may be numpy arrays, jax arrays or CPU torch tensors; results are fresh, 
 """
 
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -27,8 +27,9 @@ QUANT_STATE_KEY = "quant_state.bitsandbytes__"
 WEIGHT_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
 
 __all__ = [
-    "QUANT_STATE_KEY", "WEIGHT_FORMATS", "from_bnb_int8_state_dict", "from_bnb_state_dict", "quant_state_json",
-    "read_quant_state", "to_bnb_int8_state_dict", "to_bnb_state_dict", "to_numpy", "weight_format_name",
+    "QUANT_STATE_KEY", "WEIGHT_FORMATS", "encode_quant_state", "from_bnb_int8_state_dict", "from_bnb_state_dict",
+    "quant_state_json", "read_quant_state", "to_bnb_int8_state_dict", "to_bnb_state_dict", "to_numpy",
+    "weight_format_name",
 ]
 
 
@@ -48,14 +49,41 @@ def _storage_view(packed: np.ndarray, storage: str) -> np.ndarray:
     return np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1).view(dtype).reshape(-1, 1).copy()
 
 
-def quant_state_json(q: Packed4bit) -> bytes:
-    """The packed-JSON bytes bitsandbytes stores in ``quant_state.bitsandbytes__<type>``."""
-    items = {"quant_type": q.quant_type, "blocksize": q.blocksize, "dtype": q.dtype, "shape": list(q.shape)}
-    if q.nested:
-        items["nested_blocksize"] = q.nested_blocksize
-        items["nested_dtype"] = "float32"
-        items["nested_offset"] = float(np.float32(q.nested_offset))
+def encode_quant_state(
+    quant_type: Optional[str],
+    blocksize: int,
+    dtype: str,
+    shape: Optional[Sequence[int]],
+    nested: Optional[tuple[int, str, float]] = None,
+) -> bytes:
+    """The packed-JSON bytes bitsandbytes stores in ``quant_state.bitsandbytes__<type>`` (docs/state_dict.md).
+
+    The only writer of this entry in qflax and torch_compat: ``json.dumps`` with Python's default
+    separators and bitsandbytes' key order, so the bytes equal bitsandbytes' own.
+
+    Args:
+      quant_type: "nf4"/"fp4" (None for an 8-bit blockwise state, as bitsandbytes writes it).
+      blocksize: elements per absmax block.
+      dtype: the dequantization dtype's name ("float16", ...).
+      shape: the tensor's shape (None if unknown).
+      nested: ``(nested_blocksize, nested_dtype, nested_offset)`` of a double-quantized absmax.
+
+    Returns:
+      UTF-8 JSON bytes.
+    """
+    items = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype, "shape": None}
+    if shape is not None:
+        items["shape"] = [int(s) for s in shape]
+    if nested is not None:
+        nested_blocksize, nested_dtype, nested_offset = nested
+        items.update(nested_blocksize=nested_blocksize, nested_dtype=nested_dtype, nested_offset=float(nested_offset))
     return json.dumps(items).encode("utf-8")
+
+
+def quant_state_json(q: Packed4bit) -> bytes:
+    """The packed-JSON bytes of a 4-bit weight (:func:`encode_quant_state` of its settings)."""
+    nested = (q.nested_blocksize, "float32", float(np.float32(q.nested_offset))) if q.nested else None
+    return encode_quant_state(q.quant_type, q.blocksize, q.dtype, q.shape, nested)
 
 
 def to_bnb_state_dict(q: Packed4bit, prefix: str = "weight") -> dict[str, np.ndarray]:

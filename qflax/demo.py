@@ -89,16 +89,16 @@ def quantize_minilm(
         return QuantizedMiniLM(fmt, minilm.MiniLM(config), {"params": params})
     if fmt == "int8":
         dense_factory = functools.partial(qnn.Dense8bitLt, threshold=int8_threshold)
-        quantize_layer = qnn.quantize_params_8bit
+        rule = qnn.Rule("*", layers="dense", format="8bit")
     else:
         dense_factory = functools.partial(qnn.Dense4bit, quant_type=fmt)
-        quantize_layer = functools.partial(qnn.quantize_params_4bit, quant_type=fmt, progress=False)
+        rule = qnn.Rule("*", layers="dense", format="4bit", quant_type=fmt)
     float_params = dict(params)
     quantized: dict[str, Any] = {}
     layers = [name for name in params if name.startswith("layer_")]
     # One step per encoder layer: its six dense kernels are quantized, its LayerNorms stay float.
     for layer in tqdm(layers, desc=f"quantizing to {fmt}", unit="layer", disable=not progress, leave=False):
-        converted = quantize_layer(params[layer])
+        converted = qnn.quantize_params(params[layer], rule, progress=False)
         float_params[layer] = converted["params"]
         quantized[layer] = converted["quantized"]
     jax.block_until_ready(quantized)

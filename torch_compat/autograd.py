@@ -1,4 +1,4 @@
-"""``MatmulLtState``, ``matmul`` (LLM.int8) and ``matmul_4bit`` (SPEC §4), computed in JAX."""
+"""``MatmulLtState``, ``matmul`` (LLM.int8) and ``matmul_4bit`` (docs/torch_compat.md#autograd), computed in JAX."""
 
 import dataclasses
 from typing import Optional

@@ -60,7 +60,7 @@ def standard(_, x, weight, bias):
 
 
 def switchback_bnb(_, x, weight, bias, threshold=0.0):
-    """SwitchBackLinearBnb (its intended semantics, SPEC §6.5)."""
+    """SwitchBackLinearBnb (its intended semantics, docs/switchback.md#switchbacklinearbnb)."""
     return switchback_bnb_matmul(x, weight, None if bias is None else bias.astype(x.dtype), threshold=threshold)
 
 

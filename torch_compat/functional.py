@@ -1,4 +1,4 @@
-"""bitsandbytes.functional's names over torch tensors, computed by qflax.quant in JAX (SPEC §3).
+"""bitsandbytes.functional's names over torch tensors, computed by qflax.quant in JAX (docs/fourbit.md).
 
 Results have bitsandbytes' dtypes, shapes and layouts; quantization follows qflax's rules
 (bitsandbytes' CUDA rules with the exact FP4 table, odd counts padded; see README).

@@ -1,16 +1,16 @@
-"""``QuantState``: bitsandbytes' 4-bit / blockwise state container over torch tensors (SPEC §2).
+"""``QuantState``: bitsandbytes' 4-bit / blockwise state container over torch tensors (docs/state_dict.md).
 
 It holds the same fields as bitsandbytes' class and serialises to the same dicts (the packed
 JSON entry is byte-identical). ``to_packed4bit``/``from_packed4bit`` convert to and from
 qflax's :class:`~qflax.quant.Packed4bit` pytree, which is what the JAX side computes with.
 """
 
-import json
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from qflax import bnb_format
 from qflax import checkpoint_checks_4bit as checks_4bit
 from qflax.quant import Packed4bit
 from torch_compat import bridge
@@ -64,7 +64,7 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device) -> "QuantState":
-        """Rebuilds a state from the packed form of :meth:`as_dict` (as bitsandbytes, SPEC §2).
+        """Rebuilds a state from the packed form of :meth:`as_dict` (as bitsandbytes, docs/state_dict.md#quantstate).
 
         Args:
           qs_dict: entries as in a state dict; key prefixes (up to the last ".") are ignored.
@@ -129,8 +129,8 @@ class QuantState:
         """The state as a dict; ``packed=True`` gives the tensors-only form used in state dicts.
 
         With ``packed=True`` the non-tensor items become one uint8 CPU tensor
-        ``quant_state.bitsandbytes__<quant_type>`` holding ``json.dumps`` of them, in
-        bitsandbytes' key order and separators (byte-identical).
+        ``quant_state.bitsandbytes__<quant_type>`` holding their JSON, written by
+        :func:`qflax.bnb_format.encode_quant_state` (byte-identical to bitsandbytes').
         """
         items = {
             "quant_type": self.quant_type,
@@ -151,9 +151,10 @@ class QuantState:
         if not packed:
             return items
         tensors = {k: v for k, v in items.items() if isinstance(v, torch.Tensor)}
-        meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in items.items() if not isinstance(v, torch.Tensor)}
-        blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
-        tensors[f"quant_state.bitsandbytes__{self.quant_type}"] = torch.from_numpy(blob)
+        nested = (items["nested_blocksize"], items["nested_dtype"], items["nested_offset"]) if self.nested else None
+        meta = bnb_format.encode_quant_state(self.quant_type, self.blocksize, items["dtype"], items["shape"], nested)
+        blob = torch.from_numpy(np.frombuffer(meta, np.uint8).copy())
+        tensors[f"{bnb_format.QUANT_STATE_KEY}{self.quant_type}"] = blob
         return tensors
 
     def to(self, device) -> None:

@@ -1,4 +1,4 @@
-"""bitsandbytes.utils' names: OutlierTracer, find_outlier_dims, packed-dict helpers, weight-format maps (SPEC §8.2)."""
+"""bitsandbytes.utils' names: OutlierTracer, find_outlier_dims, packed-dict helpers, weight-format maps."""
 
 import json
 from typing import Any, Optional

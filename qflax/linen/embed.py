@@ -1,11 +1,13 @@
-"""Embedding layers: ``Embed``, ``StableEmbed`` (SPEC §6.6, §6.7) and ``Embed8bit`` (SPEC §6.9).
+"""Embedding layers: ``Embed``, ``StableEmbed`` and ``Embed8bit`` (docs/embeddings.md).
 
-``Embed`` and ``StableEmbed`` keep a float table in ``"params"`` under ``"embedding"`` and, at
-init, mark it in the ``"optim_bits"`` collection (value 32), the Flax counterpart of
-bitsandbytes' ``GlobalOptimManager`` override: an optimizer set up with
-:func:`qflax.linen.optim_32bit.state_labels_32bit` keeps that table's state in float32 even
-when the rest of the model uses a low-precision optimizer state. ``Embed8bit`` keeps a
-frozen row-wise int8 table in ``"quantized"`` under ``"weight"``.
+``Embed`` is bitsandbytes' ``Embedding``, not ``flax.linen.Embed``: xavier-uniform init (Flax's is
+unit-variance normal), a zero padding row, ``max_norm`` and the 32-bit optimizer mark; use
+``flax.linen.Embed`` for Flax's own. ``Embed`` and ``StableEmbed`` keep a float table in ``"params"``
+under ``"embedding"`` and, at init, mark it in the ``"optim_bits"`` collection (value 32), the Flax
+counterpart of bitsandbytes' ``GlobalOptimManager`` override: an optimizer set up with
+:func:`qflax.linen.optim_32bit.state_labels_32bit` keeps that table's state in float32 even when the
+rest of the model uses a low-precision optimizer state. ``Embed8bit`` keeps a frozen row-wise int8
+table in ``"quantized"`` under ``"weight"``.
 """
 
 from typing import Any, Callable, Optional
@@ -15,52 +17,27 @@ import jax
 import jax.numpy as jnp
 
 from qflax import ops
-from qflax.ops.embedding_ids import take_rows
+from qflax.layers import checks, embedding
+from qflax.layers.names import EMBEDDING_OPTIM_BITS, OPTIM_BITS, QUANTIZED
 from qflax.quant import int8 as int8_quant
 
 Initializer = Callable[..., jax.Array]
 
-QUANTIZED = "quantized"
-OPTIM_BITS = "optim_bits"
 TABLE = "embedding"
-
-
-def _padding_row(padding_idx: Optional[int], num_embeddings: int) -> Optional[int]:
-    """``padding_idx`` as a row number in ``[0, num_embeddings)`` (negative counts from the end, as torch)."""
-    if padding_idx is None:
-        return None
-    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
-        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
-    if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"padding_idx must lie in [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
-    return padding_idx % num_embeddings
 
 
 def _lookup(module: "Embed", ids: jax.Array) -> jax.Array:
     """Creates the table (called from a compact ``__call__``) and returns its rows for ``ids``."""
-    padding_row = _padding_row(module.padding_idx, module.num_embeddings)
-    if module.max_norm is not None and not module.max_norm > 0:
-        raise ValueError(f"max_norm must be > 0 or None, got {module.max_norm!r}")
+    row = embedding.padding_row(module.padding_idx, module.num_embeddings)
+    embedding.check_max_norm(module.max_norm)
 
     def init(rng, shape, dtype):
-        table = module.embedding_init(rng, shape, dtype)
-        return table if padding_row is None else table.at[padding_row].set(0)
+        return embedding.zero_padding_row(module.embedding_init(rng, shape, dtype), row)
 
     table = module.param(TABLE, init, (module.num_embeddings, module.features), module.param_dtype)
     if module.is_mutable_collection(OPTIM_BITS):
-        module.variable(OPTIM_BITS, TABLE, lambda: jnp.array(32, jnp.int32))
-    ids, rows = take_rows(table, ids)  # NaN rows for out-of-range ids (qflax.ops.embedding_ids)
-    if padding_row is not None:
-        # As torch: the padding row is looked up as stored but never receives a gradient.
-        rows = jnp.where((ids == padding_row)[..., None], jax.lax.stop_gradient(rows), rows)
-    if module.max_norm is not None:
-        # torch renormalizes the looked-up rows of the table in place, outside autograd. Here
-        # the table is immutable: the looked-up rows are scaled, the scale is a constant for
-        # the gradient, and the stored table is unchanged.
-        norms = jnp.linalg.norm(rows.astype(jnp.float32), ord=module.norm_type, axis=-1, keepdims=True)
-        scale = jnp.where(norms > module.max_norm, module.max_norm / (norms + 1e-7), 1.0).astype(jnp.float32)
-        rows = (rows.astype(jnp.float32) * jax.lax.stop_gradient(scale)).astype(rows.dtype)
-    return rows
+        module.variable(OPTIM_BITS, TABLE, lambda: jnp.array(EMBEDDING_OPTIM_BITS, jnp.int32))
+    return embedding.lookup_rows(table, ids, row, module.max_norm, module.norm_type)
 
 
 class Embed(nn.Module):
@@ -136,11 +113,7 @@ class Embed8bit(nn.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         """Looks up integer ``ids`` (any shape); returns ``(*ids.shape, features)`` in ``dtype``."""
         weight = self.variable(QUANTIZED, "weight", self._init_weight).value
-        if tuple(weight.codes.shape) != (self.num_embeddings, self.features):
-            raise ValueError(
-                f"the quantized table must have shape ({self.num_embeddings}, {self.features}), "
-                f"got {tuple(weight.codes.shape)}"
-            )
+        checks.check_int8_table(weight, self.num_embeddings, self.features)
         return ops.embed_8bit(ids, weight, dtype=self.dtype, backend=self.backend)
 
     def _init_weight(self) -> int8_quant.Int8Rows:

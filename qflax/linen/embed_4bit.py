@@ -3,17 +3,20 @@
 Variables: collection "quantized", name "weight": a :class:`~qflax.quant.Packed4bit` of shape
 ``(num_embeddings, features)``, the whole table flattened row-major and block-quantized, as
 bitsandbytes does. Unlike bitsandbytes (whose ``state_dict()`` raises NotImplementedError), the
-table exports and loads with the same functions as the Dense layers (``qflax.linen.convert_4bit``).
+table exports and loads with the same functions as the Dense layers (``qflax.linen.to_bnb_checkpoint`` /
+``from_bnb_checkpoint``).
 """
 
-from typing import Any, Optional
+import functools
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qflax.linen.dense_4bit import QUANTIZED, check_layer_config, check_loaded_weight, missing_weight_error
-from qflax.linen.warn_once import warn_once_per_weight
+from qflax.layers import checks, embedding, variants
+from qflax.layers.names import QUANTIZED
+from qflax.linen.dense_4bit import missing_weight_error, owner_name
 from qflax.ops.embedding_4bit import embed_4bit
 from qflax.ops.fourbit_matmul import matmul_4bit
 from qflax.quant.fourbit import Packed4bit, quantize_4bit
@@ -50,40 +53,29 @@ class Embed4bit(nn.Module):
     param_dtype: Any = jnp.float32
     embedding_init: Initializer = default_embed_init
     backend: Optional[str] = None
+    fixed_settings: ClassVar[dict] = {}
 
-    def _owner(self) -> str:
-        path = "/".join(str(p) for p in self.scope.path) if self.scope is not None else ""
-        return f"{type(self).__name__}({path or 'root'})"
+    def __post_init__(self):
+        variants.check_fixed(type(self), {"quant_type": self.quant_type})
+        super().__post_init__()
 
     def _quantized_table(self) -> Packed4bit:
         table = self.embedding_init(self.make_rng("params"), (self.num_embeddings, self.features), self.param_dtype)
         return quantize_4bit(table, self.blocksize, self.quant_type, self.compress_statistics)
 
     def setup(self):
-        owner = self._owner()
-        check_layer_config(owner, self.quant_type, self.blocksize)
-        for name in ("num_embeddings", "features"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+        owner = owner_name(self)
+        checks.check_4bit_config(owner, self.quant_type, self.blocksize)
+        checks.check_positive_int(owner, "num_embeddings", self.num_embeddings)
+        checks.check_positive_int(owner, "features", self.features)
         if not self.has_variable(QUANTIZED, "weight") and not self.is_mutable_collection(QUANTIZED):
             raise missing_weight_error(owner)
         self.weight = self.variable(QUANTIZED, "weight", self._quantized_table)
 
     def table(self) -> Packed4bit:
         """The stored (or, during init, freshly quantized) table, checked against the layer's settings."""
-        owner = self._owner()
-        q = check_loaded_weight(
-            owner, self.weight.value, (self.num_embeddings, self.features), self.quant_type, self.blocksize
-        )
-        if self.features % self.blocksize != 0:
-            warn_once_per_weight(
-                q.packed,
-                f"Embedding size {self.features} is not divisible by block size {self.blocksize}. "
-                "This will lead to slow inference.",
-                stacklevel=4,
-            )
-        return q
+        shape = (self.num_embeddings, self.features)
+        return embedding.checked_4bit_table(owner_name(self), self.weight.value, shape, self.quant_type, self.blocksize)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """Looks up rows.
@@ -113,23 +105,6 @@ class Embed4bit(nn.Module):
         return matmul_4bit(query, self.table(), backend=self.backend)
 
 
-class EmbedNF4(Embed4bit):
-    """:class:`Embed4bit` with ``quant_type="nf4"`` (bitsandbytes' EmbeddingNF4)."""
+_variant = functools.partial(variants.fixed_variant, module=__name__, defaults=variants.field_defaults)
 
-    quant_type: str = "nf4"
-
-    def __post_init__(self):
-        if self.quant_type != "nf4":
-            raise ValueError(f"EmbedNF4 quant_type is fixed to 'nf4', got {self.quant_type!r}; use Embed4bit")
-        super().__post_init__()
-
-
-class EmbedFP4(Embed4bit):
-    """:class:`Embed4bit` with ``quant_type="fp4"`` (bitsandbytes' EmbeddingFP4)."""
-
-    quant_type: str = "fp4"
-
-    def __post_init__(self):
-        if self.quant_type != "fp4":
-            raise ValueError(f"EmbedFP4 quant_type is fixed to 'fp4', got {self.quant_type!r}; use Embed4bit")
-        super().__post_init__()
+EmbedNF4, EmbedFP4 = (_variant(Embed4bit, *spec) for spec in variants.FOURBIT_EMBED)

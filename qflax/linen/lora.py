@@ -4,7 +4,7 @@
 ("quantized" collection) and ``A (in, rank)``, ``B (rank, features)`` are trainable ("params").
 ``B`` starts at zero, so a fresh adapter leaves the base layer's output unchanged; ``A`` starts
 like PEFT's (uniform in ``±1/sqrt(in)``). The base layer's variable names are those of
-:class:`~qflax.linen.Dense4bit`, so weights from ``quantize_params_4bit`` or ``load_bnb_4bit`` fit
+:class:`~qflax.linen.Dense4bit`, so weights from ``quantize_params`` or ``from_bnb_checkpoint`` fit
 as they are; the adapters are created by ``init`` (or added to an existing params tree).
 
 Train only the adapters with ``optax.masked`` / ``optax.multi_transform``, or everything in
@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qflax.linen.dense_4bit import Dense4bit, Initializer
+from qflax.linen.dense_4bit import Dense4bit, owner_name
+from qflax.linen.dense_params import Initializer
 
 # PEFT's kaiming_uniform(a=sqrt(5)) on A: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 default_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -46,7 +47,7 @@ class LoRADense4bit(Dense4bit):
           ValueError: ``lora_rank`` is not a positive integer (besides Dense4bit's errors).
         """
         if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank <= 0:
-            raise ValueError(f"{self._owner()}: lora_rank must be a positive integer, got {self.lora_rank!r}")
+            raise ValueError(f"{owner_name(self)}: lora_rank must be a positive integer, got {self.lora_rank!r}")
         frozen = self.frozen_output(inputs)
         in_features = inputs.shape[-1]
         lora_a = self.param("lora_a", self.lora_a_init, (in_features, self.lora_rank), self.param_dtype)

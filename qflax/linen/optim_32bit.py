@@ -1,8 +1,8 @@
 """Keeping chosen params' optimizer state in 32 bit, the optax counterpart of bitsandbytes' override.
 
 bitsandbytes' ``Embedding``/``StableEmbedding`` register ``{"optim_bits": 32}`` for their
-weight with ``GlobalOptimManager`` so that 8-bit optimizers keep 32-bit state for it (SPEC
-§6.8). In qflax, ``Embed`` and ``StableEmbed`` write the mark into the ``"optim_bits"``
+weight with ``GlobalOptimManager`` so that 8-bit optimizers keep 32-bit state for it
+(docs/embeddings.md#optimizer-state). In qflax, ``Embed`` and ``StableEmbed`` write the mark into the ``"optim_bits"``
 variable collection at init (same path as the param, value 32). These helpers read it and
 label the params for ``optax.multi_transform``:
 
@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-OPTIM_BITS = "optim_bits"
+from qflax.layers.names import EMBEDDING_OPTIM_BITS, OPTIM_BITS
+
 LABEL_32BIT = "32bit"
 LABEL_DEFAULT = "default"
 
@@ -38,7 +39,7 @@ def params_kept_32bit(variables: Mapping[str, Any]) -> list[tuple[str, ...]]:
     marks = variables.get(OPTIM_BITS, {})
     paths = []
     for key_path, bits in jax.tree_util.tree_flatten_with_path(marks)[0]:
-        if int(np.asarray(bits)) == 32:
+        if int(np.asarray(bits)) == EMBEDDING_OPTIM_BITS:
             paths.append(tuple(str(k.key) for k in key_path))
     return sorted(paths)
 

@@ -1,4 +1,4 @@
-"""``OutlierAwareDense`` and the outlier tracer (bitsandbytes' OutlierAwareLinear/OutlierTracer, SPEC §8).
+"""``OutlierAwareDense`` and the outlier tracer: bitsandbytes' OutlierAwareLinear/OutlierTracer (docs/int8.md).
 
 bitsandbytes hooks every ``nn.Linear`` with a forward pre-hook that records outlier input
 dimensions, then each ``OutlierAwareLinear`` calls ``quantize_weight(w, outlier_idx)`` once, at
@@ -19,55 +19,29 @@ forward returns None; we return the result). Subclasses override the two hooks; 
 defaults keep the outlier input dimensions in the input precision and the rest in LLM.int8.
 """
 
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from qflax import ops
-from qflax.quant import int8 as int8_quant
+from qflax.layers import checks, outliers
+from qflax.layers.names import OUTLIERS, QUANTIZED
+from qflax.layers.outliers import OutlierSplitWeight
+from qflax.layers.trees import nested_set
+from qflax.linen.dense_params import DenseParams
 from qflax.quant import validation
 
-Initializer = Callable[..., jax.Array]
 
-QUANTIZED = "quantized"
-OUTLIERS = "outliers"
-
-
-@struct.dataclass
-class OutlierSplitWeight:
-    """A weight split by input dimension: int8 for the ordinary ones, float for the outliers.
-
-    Attributes:
-      int8: :class:`Int8Rows` of the ``(out, in)`` weight with the outlier columns zeroed.
-      outlier_columns: float ``(out, n_outliers)``: the weight's outlier columns as they were.
-    """
-
-    int8: int8_quant.Int8Rows
-    outlier_columns: jax.Array
-
-
-class OutlierAwareDense(nn.Module):
+class OutlierAwareDense(DenseParams):
     """A dense layer that keeps chosen input dimensions in full precision and the rest in int8.
 
-    Attributes:
-      features: output features.
-      use_bias: whether to add a bias (in ``"params"``).
-      param_dtype: dtype of the float kernel and bias.
-      kernel_init: initializer of the ``(in, features)`` kernel.
-      bias_init: initializer of the bias.
+    Attributes (besides :class:`~qflax.linen.dense_params.DenseParams`'):
       backend: "auto", "xla", "triton" or None, for the int8 matmul.
     """
 
-    features: int
-    use_bias: bool = True
-    param_dtype: Any = jnp.float32
-    kernel_init: Initializer = nn.linear.default_kernel_init
-    bias_init: Initializer = nn.initializers.zeros_init()
     backend: Optional[str] = None
 
     @nn.compact
@@ -75,30 +49,23 @@ class OutlierAwareDense(nn.Module):
         """Float Dense before quantization, ``forward_with_outliers(x, outlier_idx)`` after."""
         x = validation.check_float_array(x, "x", allow_empty=True)
         in_features = x.shape[-1]
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        bias = self.declare_bias()
         outlier_idx = self._outlier_idx(in_features)
         if self.has_variable(QUANTIZED, "weight"):
             return self.forward_with_outliers(x, outlier_idx)
-        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        kernel = self.declare_kernel(in_features)
         if self.is_mutable_collection(QUANTIZED) and not self.is_initializing():
             # The counterpart of bitsandbytes' quantize-at-first-forward.
             self.variable(QUANTIZED, "weight", lambda: self.quantize_weight(kernel.T, outlier_idx))
             return self.forward_with_outliers(x, outlier_idx)
-        y = jnp.matmul(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        return y.astype(x.dtype)
+        return outliers.float_forward(x, kernel, bias)
 
     def _outlier_idx(self, in_features: int) -> jax.Array:
         if self.has_variable(OUTLIERS, "idx") or self.is_mutable_collection(OUTLIERS):
             idx = self.variable(OUTLIERS, "idx", lambda: jnp.zeros((0,), jnp.int32)).value
         else:
             idx = jnp.zeros((0,), jnp.int32)
-        if not jnp.issubdtype(idx.dtype, jnp.integer) or idx.ndim != 1:
-            raise TypeError(f"outliers['idx'] must be a 1-D integer array, got {idx.dtype} {tuple(idx.shape)}")
-        if not isinstance(idx, jax.core.Tracer) and idx.size and (int(idx.min()) < 0 or int(idx.max()) >= in_features):
-            raise ValueError(f"outliers['idx'] must lie in [0, {in_features}), got {np.asarray(idx).tolist()}")
-        return idx
+        return checks.check_outlier_idx(idx, in_features)
 
     def quantize_weight(self, w: jax.Array, outlier_idx: jax.Array) -> Any:
         """Hook: quantizes the float weight ``w (out, in)`` given the outlier input dims.
@@ -109,8 +76,7 @@ class OutlierAwareDense(nn.Module):
         Returns:
           The default: an :class:`OutlierSplitWeight`.
         """
-        w_int8 = int8_quant.quantize_rows(w.at[:, outlier_idx].set(0))
-        return OutlierSplitWeight(int8=w_int8, outlier_columns=w[:, outlier_idx])
+        return outliers.split_weight(w, outlier_idx)
 
     def forward_with_outliers(self, x: jax.Array, outlier_idx: jax.Array) -> jax.Array:
         """Hook: the layer's output from the stored ``quantized["weight"]``.
@@ -124,21 +90,7 @@ class OutlierAwareDense(nn.Module):
         """
         weight: OutlierSplitWeight = self.get_variable(QUANTIZED, "weight")
         bias = self.get_variable("params", "bias") if self.use_bias else None
-        y = ops.matmul_8bit(x.at[..., outlier_idx].set(0), weight.int8, bias, backend=self.backend)
-        if outlier_idx.shape[0]:
-            x_out = x[..., outlier_idx]
-            y_out = jnp.matmul(x_out, weight.outlier_columns.T.astype(x.dtype), preferred_element_type=jnp.float32)
-            y = (y.astype(jnp.float32) + y_out).astype(x.dtype)
-        return y
-
-
-def _check_samples(samples: Any) -> list:
-    if isinstance(samples, (jax.Array, np.ndarray)):
-        return [samples]
-    samples = list(samples)
-    if not samples:
-        raise ValueError("samples must hold at least one input")
-    return samples
+        return outliers.split_forward(x, weight, bias, outlier_idx, self.backend)
 
 
 def _collect_inputs(model: nn.Module, layer_types: tuple, variables: Mapping, x: jax.Array, zscore: bool) -> dict:
@@ -147,16 +99,7 @@ def _collect_inputs(model: nn.Module, layer_types: tuple, variables: Mapping, x:
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and isinstance(context.module, layer_types) and args:
-            h = jnp.asarray(args[0]).astype(jnp.float32)
-            h = h.reshape(-1, h.shape[-1])
-            stats = {"absmax": jnp.max(jnp.abs(h), axis=0)}
-            if zscore:
-                std = jnp.std(h, axis=0, ddof=1) if h.shape[0] > 1 else jnp.zeros(h.shape[-1], jnp.float32)
-                stats["z"] = (std - jnp.mean(std)) / jnp.maximum(jnp.std(std, ddof=1), jnp.float32(1e-12))
-            path = context.module.path
-            if path in found:  # a layer applied twice: keep the larger statistic per dim
-                stats = jax.tree_util.tree_map(jnp.maximum, found[path], stats)
-            found[path] = stats
+            outliers.merge_stats(found, context.module.path, outliers.input_stats(jnp.asarray(args[0]), zscore))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -190,31 +133,12 @@ def find_outlier_dims(
     Raises:
       ValueError: negative threshold, no samples, or no traced layer in the model.
     """
-    if not np.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    if zscore is not None and not zscore > 0:
-        raise ValueError(f"zscore must be > 0 or None, got {zscore!r}")
-    samples = _check_samples(samples)
+    search = outliers.OutlierSearch(threshold, zscore)
     layer_types = tuple(layer_types)
     collect = jax.jit(lambda v, x: _collect_inputs(model, layer_types, v, x, zscore is not None))
-    masks: dict = {}
-    for x in samples:
-        for path, stats in collect(variables, x).items():
-            mask = np.zeros(stats["absmax"].shape, bool)
-            if threshold > 0:
-                mask |= np.asarray(stats["absmax"]) >= threshold
-            if zscore is not None:
-                mask |= np.asarray(stats["z"]) > zscore
-            masks[path] = masks[path] | mask if path in masks else mask
-    if not masks:
-        raise ValueError(f"no layer of type {[t.__name__ for t in layer_types]} was called by the model")
-    return {path: np.nonzero(mask)[0].astype(np.int32) for path, mask in masks.items()}
-
-
-def _nested_set(tree: dict, path: Iterable[str], key: str, value: Any) -> None:
-    for name in path:
-        tree = tree.setdefault(name, {})
-    tree[key] = value
+    for x in search.samples(samples):
+        search.add(collect(variables, x))
+    return search.indices(t.__name__ for t in layer_types)
 
 
 def _without_kernels(params: Mapping, paths: set) -> dict:
@@ -249,11 +173,11 @@ def quantize_outlier_aware(
       New variables: ``"outliers"`` with the indices, ``"quantized"`` with each layer's
       quantized weight, ``"params"`` without the quantized layers' float kernels.
     """
-    outliers = flax.core.unfreeze(variables.get(OUTLIERS, {}))  # a deep copy we may edit
+    dims = flax.core.unfreeze(variables.get(OUTLIERS, {}))  # a deep copy we may edit
     for path, idx in outlier_dims.items():
-        _nested_set(outliers, path, "idx", jnp.asarray(np.asarray(idx), jnp.int32))
+        nested_set(dims, tuple(path) + ("idx",), jnp.asarray(np.asarray(idx), jnp.int32))
     new_vars = {k: v for k, v in variables.items() if k != OUTLIERS}
-    new_vars[OUTLIERS] = outliers
+    new_vars[OUTLIERS] = dims
     quantized_paths: set = set()
 
     def interceptor(next_fun, args, kwargs, context):

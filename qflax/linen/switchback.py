@@ -1,4 +1,4 @@
-"""SwitchBack Dense layers (bitsandbytes' SwitchBackLinear family, SPEC §7.2, §7.3, §6.5) for Flax Linen.
+"""SwitchBack Dense layers (bitsandbytes' SwitchBackLinear family, docs/switchback.md) for Flax Linen.
 
 Parameters keep Flax's names and layout: "kernel" ``(in, out)`` and "bias" ``(out,)`` in
 "params", trainable as in ``nn.Dense``; the ops receive ``kernel.T``, bitsandbytes' ``(out, in)``.
@@ -13,59 +13,55 @@ its int8 copy whenever it is applied (not initialized) with "quantized" mutable,
 :func:`prepare_for_eval` does; ``mutable=True`` therefore also prepares it.
 """
 
-from typing import Any, Callable, ClassVar, Optional
+import functools
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from qflax.layers import dtypes, switchback, variants
+from qflax.layers.names import QUANTIZED
+from qflax.linen.dense_params import DenseParams
 from qflax.ops.switchback_matmul import (
     standard_matmul,
     switchback_bnb_matmul,
     switchback_matmul,
     switchback_matmul_prepared,
 )
-from qflax.quant import validation
-from qflax.quant.switchback import quantize_global, quantize_rowwise
 
 Dtype = Any
-Initializer = Callable[..., jax.Array]
-
-default_kernel_init = nn.initializers.lecun_normal()
 
 
-def _dense_inputs(module: nn.Module, x: jax.Array) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
-    """Checks ``x``, casts it to ``module.dtype`` and declares the Dense parameters.
+class FloatDense(DenseParams):
+    """The trainable Dense of the SwitchBack family: "kernel" ``(in, out)`` and "bias" in "params".
 
-    Returns:
-      ``(x, weight (out, in), bias or None)``.
+    Attributes (besides :class:`~qflax.linen.dense_params.DenseParams`'):
+      dtype: computation dtype; None computes in the input's dtype. The output has this dtype (the
+        Flax rule of :mod:`qflax.layers.dtypes`).
     """
-    x = validation.check_float_array(x, "x", allow_empty=True)
-    if x.ndim < 1:
-        raise ValueError(f"x must have at least one dimension (features last), got shape {tuple(x.shape)}")
-    if module.dtype is not None:
-        x = x.astype(module.dtype)
-    kernel = module.param("kernel", module.kernel_init, (x.shape[-1], module.features), module.param_dtype)
-    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
-    return x, kernel.T, bias
+
+    dtype: Optional[Dtype] = None
+
+    def dense_inputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+        """Checks ``x``, casts it to ``dtype`` and declares the parameters (call from a compact method).
+
+        Returns:
+          ``(x, weight (out, in), bias or None)``.
+        """
+        x = dtypes.flax_dtype_input(x, self.dtype)
+        return x, self.declare_kernel(x.shape[-1]).T, self.declare_bias()
 
 
-class SwitchBackDense(nn.Module):
+class SwitchBackDense(FloatDense):
     """Dense layer trained with int8 matmuls (bitsandbytes' SwitchBackLinear).
 
     The forward pass and the input gradient run as int8 matmuls with int32 accumulation;
     the weight gradient ``G^T X`` stays in the input precision ("switch back").
 
-    Attributes:
-      features: number of output features.
+    Attributes (besides :class:`FloatDense`'s):
       vector_wise_quantization: per-row weight scales (forward) and per-column ones
         (input gradient) instead of one tensor-wide scale.
       mem_efficient: keep only int8 activations for the backward pass (global scales only).
-      use_bias: whether to add a bias.
-      dtype: computation dtype; None computes in the input's dtype. The output has this dtype.
-      param_dtype: dtype of "kernel" and "bias".
-      kernel_init: initializer of the ``(in, out)`` kernel.
-      bias_init: initializer of the ``(out,)`` bias.
       backend: "auto", "xla", "triton" or None (see :mod:`qflax.ops.dispatch`).
 
     Example:
@@ -74,127 +70,81 @@ class SwitchBackDense(nn.Module):
       >>> y = layer.apply(variables, x)
     """
 
-    features: int
     vector_wise_quantization: bool = False
     mem_efficient: bool = False
-    use_bias: bool = True
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Initializer = default_kernel_init
-    bias_init: Initializer = nn.initializers.zeros_init()
     backend: Optional[str] = None
-
-    # Subclasses with a fixed variant name the attributes they fix and the value they fix them to.
-    _fixed: ClassVar[dict[str, bool]] = {}
+    fixed_settings: ClassVar[dict] = {}
 
     def __post_init__(self):
-        for name, value in self._fixed.items():
-            if getattr(self, name) != value:
-                raise ValueError(f"{type(self).__name__} fixes {name}={value}; got {name}={getattr(self, name)}")
-        if self.vector_wise_quantization and self.mem_efficient:
-            raise ValueError(
-                "vector_wise_quantization=True cannot be combined with mem_efficient=True: the "
-                "memory-efficient backward pass exists for global (tensor-wise) quantization only"
-            )
+        settings = {"vector_wise_quantization": self.vector_wise_quantization, "mem_efficient": self.mem_efficient}
+        variants.check_fixed(type(self), settings)
+        switchback.op_variant(self.vector_wise_quantization, self.mem_efficient)
         super().__post_init__()
 
     @property
     def variant(self) -> str:
         """The op variant: "global", "vectorwise" or "global_mem_efficient"."""
-        if self.vector_wise_quantization:
-            return "vectorwise"
-        return "global_mem_efficient" if self.mem_efficient else "global"
+        return switchback.op_variant(self.vector_wise_quantization, self.mem_efficient)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in_features)``; returns ``(..., features)``."""
-        x, weight, bias = _dense_inputs(self, x)
-        prepared_variant = "vectorwise" if self.vector_wise_quantization else "global"
+        x, weight, bias = self.dense_inputs(x)
         # Prepared weights are made only by an explicit apply with "quantized" mutable
         # (prepare_for_eval), never by init: a fresh model must train on its float kernel.
-        if self.has_variable("quantized", "weight") or (
-            self.is_mutable_collection("quantized") and not self.is_initializing()
+        if self.has_variable(QUANTIZED, "weight") or (
+            self.is_mutable_collection(QUANTIZED) and not self.is_initializing()
         ):
-            quantize = quantize_rowwise if self.vector_wise_quantization else quantize_global
-            codes = self.variable("quantized", "weight", lambda: quantize(weight)[0])
-            scale = self.variable("quantized", "weight_scale", lambda: quantize(weight)[1])
-            return switchback_matmul_prepared(
-                x, codes.value, scale.value, bias, variant=prepared_variant, backend=self.backend
-            )
+            vectorwise = self.vector_wise_quantization
+            prepared = lambda i: switchback.quantize_for_eval(weight, vectorwise)[i]  # noqa: E731
+            codes = self.variable(QUANTIZED, "weight", prepared, 0)
+            scale = self.variable(QUANTIZED, "weight_scale", prepared, 1)
+            variant = switchback.prepared_variant(vectorwise)
+            return switchback_matmul_prepared(x, codes.value, scale.value, bias, variant=variant, backend=self.backend)
         return switchback_matmul(x, weight, bias, variant=self.variant, backend=self.backend)
 
 
-class SwitchBackDenseGlobal(SwitchBackDense):
-    """:class:`SwitchBackDense` with tensor-wise weight quantization (bitsandbytes' SwitchBackLinearGlobal)."""
+_variant = functools.partial(variants.fixed_variant, module=__name__, defaults=variants.field_defaults)
 
-    vector_wise_quantization: bool = False
-    _fixed: ClassVar[dict[str, bool]] = {"vector_wise_quantization": False}
-
-
-class SwitchBackDenseVectorwise(SwitchBackDense):
-    """:class:`SwitchBackDense` with vector-wise weight quantization (bitsandbytes' SwitchBackLinearVectorwise)."""
-
-    vector_wise_quantization: bool = True
-    _fixed: ClassVar[dict[str, bool]] = {"vector_wise_quantization": True}
+SwitchBackDenseGlobal, SwitchBackDenseVectorwise, SwitchBackDenseGlobalMemEfficient = (
+    _variant(SwitchBackDense, *spec) for spec in switchback.FIXED_VARIANTS
+)
 
 
-class SwitchBackDenseGlobalMemEfficient(SwitchBackDense):
-    """Global :class:`SwitchBackDense` with the memory-efficient backward pass (SwitchBackLinearGlobalMemEfficient)."""
-
-    mem_efficient: bool = True
-    _fixed: ClassVar[dict[str, bool]] = {"vector_wise_quantization": False, "mem_efficient": True}
-
-
-class StandardDense(nn.Module):
+class StandardDense(FloatDense):
     """Float Dense layer with SwitchBack's explicit vjp structure (bitsandbytes' StandardLinear).
 
-    The reference SwitchBackDense is compared against; numerically an ``nn.Dense``.
-
-    Attributes:
-      features, use_bias, dtype, param_dtype, kernel_init, bias_init: as in :class:`SwitchBackDense`.
+    The reference SwitchBackDense is compared against; numerically an ``nn.Dense``. Attributes:
+    :class:`FloatDense`'s.
     """
-
-    features: int
-    use_bias: bool = True
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Initializer = default_kernel_init
-    bias_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in_features)``; returns ``(..., features)``."""
-        x, weight, bias = _dense_inputs(self, x)
-        return standard_matmul(x, weight, bias)
+        return standard_matmul(*self.dense_inputs(x))
 
 
-class SwitchBackDenseBnb(nn.Module):
-    """bitsandbytes' SwitchBackLinearBnb as intended (SPEC §6.5): LLM.int8 forward, 16-bit weight gradient.
+class SwitchBackDenseBnb(FloatDense):
+    """bitsandbytes' SwitchBackLinearBnb as intended (docs/switchback.md#switchbacklinearbnb): LLM.int8
+    forward, 16-bit weight gradient.
 
     bitsandbytes 0.49.2's module raises AttributeError on every call; this one implements the
     documented semantics: row-wise int8 activations (outlier columns ``|x| >= threshold`` in
     float against the float weight), row-wise int8 weight, ``grad_x`` through the int8 weight,
     ``grad_W = G^T X`` in the input precision.
 
-    Attributes:
-      features: number of output features.
+    Attributes (besides :class:`FloatDense`'s):
       threshold: outlier threshold, >= 0 (0: no outlier columns).
-      use_bias, dtype, param_dtype, kernel_init, bias_init, backend: as in :class:`SwitchBackDense`.
+      backend: "auto", "xla", "triton" or None.
     """
 
-    features: int
     threshold: float = 0.0
-    use_bias: bool = True
-    dtype: Optional[Dtype] = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Initializer = default_kernel_init
-    bias_init: Initializer = nn.initializers.zeros_init()
     backend: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in_features)``; returns ``(..., features)``."""
-        x, weight, bias = _dense_inputs(self, x)
+        x, weight, bias = self.dense_inputs(x)
         return switchback_bnb_matmul(x, weight, bias, threshold=self.threshold, backend=self.backend)
 
 

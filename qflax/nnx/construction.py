@@ -1,36 +1,56 @@
-"""Building NNX layers: quantization at construction, and construction from float ``nnx.Linear``.
+"""Building NNX Dense layers: their float parameters, and construction from a float ``nnx.Linear``.
 
-NNX modules quantize their weights eagerly in ``__init__``. Running a quantizer op by op
-would compile every primitive separately for each new shape; a whole-quantizer ``jax.jit``
-(qflax.quant's 4-bit quantizer is jitted already, the row-wise int8 one is jitted here)
-compiles it at once and gives the same bytes.
+NNX modules quantize their weights eagerly in ``__init__`` through :mod:`qflax.layers.quantize`, the
+same compiled quantizers the Linen converter uses, so the same float weight gives the same bytes.
 """
 
+from typing import Any, Callable, Optional
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from qflax.quant import fourbit, int8, validation
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nnx.initializers.lecun_normal()
 
 
-def quantize_4bit(w: jax.Array, blocksize: int, quant_type: str, compress_statistics: bool) -> fourbit.Packed4bit:
-    """:func:`qflax.quant.quantize_4bit` (already compiled there), with errors naming ``w``."""
-    w = validation.check_float_array(w, "w")
-    return fourbit.quantize_4bit(w, blocksize, quant_type, compress_statistics)
+class DenseParams:
+    """Mixin of the NNX Dense layers: the float kernel and bias, declared as ``nnx.Linear`` does.
 
+    Each layer's ``__init__`` takes ``**dense`` and calls :meth:`init_dense` with it; these are the
+    arguments every qflax NNX Dense layer shares with ``nnx.Linear``:
 
-_quantize_rows_jit = jax.jit(int8.quantize_rows)
+    Args (of :meth:`init_dense`):
+      in_features: input features.
+      out_features: output features.
+      use_bias: whether to add a (trainable ``nnx.Param``) bias.
+      param_dtype: dtype of the bias and of the float kernel (drawn here, then quantized or trained).
+      kernel_init: initializer of the float kernel, Flax's ``(in, out)`` layout.
+      bias_init: initializer of the bias.
+      rngs: the ``nnx.Rngs`` the parameters are drawn from.
+    """
 
+    def init_dense(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Initializer = default_kernel_init,
+        bias_init: Initializer = nnx.initializers.zeros_init(),
+        rngs: nnx.Rngs,
+    ) -> jax.Array:
+        """Stores the sizes, creates the bias and returns the freshly drawn float kernel ``(in, out)``."""
+        self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
+        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
+        return kernel
 
-def quantize_rows(w: jax.Array) -> int8.Int8Rows:
-    """:func:`qflax.quant.quantize_rows`, compiled; raises the same errors."""
-    w = validation.check_float_array(w, "w")
-    if w.ndim != 2:
-        raise ValueError(f"w must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
-    return _quantize_rows_jit(w)
-
-
-class FromLinear:
-    """Mixin for quantized Dense layers: build one from a float ``nnx.Linear``'s weights."""
+    def bias_value(self) -> Optional[jax.Array]:
+        """The bias array, or None."""
+        return None if self.bias is None else self.bias[...]
 
     @classmethod
     def from_linear(cls, linear: nnx.Linear, **options):

@@ -1,6 +1,7 @@
-"""Float embedding layers as NNX modules: Embed and StableEmbed (SPEC §6.6, §6.7).
+"""Float embedding layers as NNX modules: Embed and StableEmbed (docs/embeddings.md).
 
-NNX twins of :class:`qflax.linen.Embed` / :class:`qflax.linen.StableEmbed`: bitsandbytes'
+NNX twins of :class:`qflax.linen.Embed` / :class:`qflax.linen.StableEmbed`, and like them
+bitsandbytes' ``Embedding``, not ``flax.nnx.Embed`` (whose init is unit-variance normal): bitsandbytes'
 init (xavier-uniform, zeroed padding row), ``padding_idx`` rows that get no gradient,
 ``max_norm`` scaling of looked-up rows, and for StableEmbed a float32 LayerNorm (named
 "norm") with the output in the table dtype. The table is the ``nnx.Param`` "embedding",
@@ -14,22 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qflax.ops.embedding_ids import take_rows
+from qflax.layers import embedding
+from qflax.layers.names import EMBEDDING_OPTIM_BITS, OPTIM_BITS
 
 Initializer = Callable[..., jax.Array]
-
-OPTIM_BITS = 32
-
-
-def _padding_row(padding_idx: Optional[int], num_embeddings: int) -> Optional[int]:
-    """``padding_idx`` as a row number in ``[0, num_embeddings)`` (negative counts from the end, as torch)."""
-    if padding_idx is None:
-        return None
-    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
-        raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
-    if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"padding_idx must lie in [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
-    return padding_idx % num_embeddings
 
 
 class Embed(nnx.Module):
@@ -65,30 +54,16 @@ class Embed(nnx.Module):
         embedding_init: Initializer = nnx.initializers.xavier_uniform(),
         rngs: nnx.Rngs,
     ):
-        self.padding_row = _padding_row(padding_idx, num_embeddings)
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0 or None, got {max_norm!r}")
-        self.num_embeddings = num_embeddings
-        self.features = features
-        self.padding_idx = padding_idx
-        self.max_norm = max_norm
-        self.norm_type = norm_type
+        self.padding_row = embedding.padding_row(padding_idx, num_embeddings)
+        embedding.check_max_norm(max_norm)
+        self.num_embeddings, self.features, self.padding_idx = num_embeddings, features, padding_idx
+        self.max_norm, self.norm_type = max_norm, norm_type
         table = embedding_init(rngs.params(), (num_embeddings, features), param_dtype)
-        if self.padding_row is not None:
-            table = table.at[self.padding_row].set(0)
-        self.embedding = nnx.Param(table, optim_bits=OPTIM_BITS)
+        table = embedding.zero_padding_row(table, self.padding_row)
+        self.embedding = nnx.Param(table, **{OPTIM_BITS: EMBEDDING_OPTIM_BITS})
 
     def _lookup(self, ids: jax.Array) -> jax.Array:
-        ids, rows = take_rows(self.embedding[...], ids)  # NaN rows for out-of-range ids
-        if self.padding_row is not None:
-            # As torch: the padding row is looked up as stored but never receives a gradient.
-            rows = jnp.where((ids == self.padding_row)[..., None], jax.lax.stop_gradient(rows), rows)
-        if self.max_norm is not None:
-            # Scale the looked-up rows (a constant for the gradient); the table stays as stored.
-            norms = jnp.linalg.norm(rows.astype(jnp.float32), ord=self.norm_type, axis=-1, keepdims=True)
-            scale = jnp.where(norms > self.max_norm, self.max_norm / (norms + 1e-7), 1.0).astype(jnp.float32)
-            rows = (rows.astype(jnp.float32) * jax.lax.stop_gradient(scale)).astype(rows.dtype)
-        return rows
+        return embedding.lookup_rows(self.embedding[...], ids, self.padding_row, self.max_norm, self.norm_type)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """Looks up integer ``ids`` (any shape); returns ``(*ids.shape, features)`` in the table dtype."""
@@ -119,4 +94,4 @@ def optim_32bit_filter(path: tuple, variable: nnx.Variable) -> bool:
     low-precision one, e.g. with ``optax.multi_transform`` over labels built from
     ``nnx.state(model, optim_32bit_filter)``.
     """
-    return isinstance(variable, nnx.Param) and getattr(variable, "optim_bits", None) == OPTIM_BITS
+    return isinstance(variable, nnx.Param) and getattr(variable, OPTIM_BITS, None) == EMBEDDING_OPTIM_BITS

@@ -1,14 +1,15 @@
 """4-bit NF4/FP4 layers as NNX modules: Dense4bit, DenseNF4, DenseFP4, Embed4bit, EmbedNF4, EmbedFP4.
 
-NNX twins of the Linen modules (SPEC §6.1, §6.10): same arguments (``in_features``/
+NNX twins of the Linen modules (docs/fourbit.md#layers): same arguments (``in_features``/
 ``out_features`` in place of Linen's ``features``, plus ``rngs``), same variable names, same
-ops (:func:`qflax.ops.matmul_4bit`, :func:`qflax.ops.embed_4bit`). The frozen weight is a
-:class:`~qflax.quant.Packed4bit` in bitsandbytes' ``(out, in)`` layout inside a
-:class:`~qflax.nnx.QuantizedWeight` named "weight"; the bias is an ``nnx.Param``, so QLoRA
-trains adapters (and optionally the bias) with ``nnx.Optimizer(model, tx, wrt=...)`` while
-the packed bytes never change.
+ops (:func:`qflax.ops.matmul_4bit`, :func:`qflax.ops.embed_4bit`) and the same checks and dtype rules
+(:mod:`qflax.layers`). The frozen weight is a :class:`~qflax.quant.Packed4bit` in bitsandbytes'
+``(out, in)`` layout inside a :class:`~qflax.nnx.QuantizedWeight` named "weight"; the bias is an
+``nnx.Param``, so QLoRA trains adapters (and optionally the bias) with ``nnx.Optimizer(model, tx,
+wrt=...)`` while the packed bytes never change.
 """
 
+import functools
 from typing import Any, Callable, ClassVar, Optional
 
 import jax
@@ -16,40 +17,36 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qflax import ops
-from qflax.linen.dense_4bit import check_layer_config, check_loaded_weight
-from qflax.linen.warn_once import warn_once_per_weight
-from qflax.nnx import construction
+from qflax.layers import checks, dtypes, embedding, quantize, variants
+from qflax.nnx.construction import DenseParams
 from qflax.nnx.variables import QuantizedWeight
 from qflax.quant import fourbit
 
 Initializer = Callable[..., jax.Array]
 
 
-class Dense4bit(construction.FromLinear, nnx.Module):
+class Dense4bit(DenseParams, nnx.Module):
     """A dense layer ``y = x @ W.T + bias`` with a frozen 4-bit weight (bitsandbytes' Linear4bit).
 
     Args:
-      in_features: input features.
-      out_features: output features.
+      in_features, out_features: the layer's sizes.
       quant_type: "nf4" or "fp4".
       blocksize: elements per absmax block (32 ... 4096).
       compress_statistics: double-quantize the absmax statistics (bitsandbytes' default).
       compute_dtype: dtype of the dequantized weight and of the product; None computes in
-        the input's dtype. The output always has the input's dtype.
-      use_bias: whether to add a (trainable) bias.
-      param_dtype: dtype of the float kernel before quantization (the dequantized weight's
-        dtype) and of the bias.
-      kernel_init: initializer of the ``(in, out)`` float kernel quantized at construction.
-      bias_init: initializer of the bias.
+        the input's dtype. The output always has the input's dtype (the 4-bit rule of
+        :mod:`qflax.layers.dtypes`).
       backend: "auto", "xla", "triton" or None (see :mod:`qflax.ops.dispatch`).
-      rngs: the ``nnx.Rngs`` the parameters are drawn from.
+      **dense: ``use_bias``, ``param_dtype`` (of the bias and of the float kernel before
+        quantization, the dequantized weight's dtype), ``kernel_init``, ``bias_init`` and ``rngs``,
+        as :class:`~qflax.nnx.construction.DenseParams`.
 
     Example:
       >>> layer = DenseNF4(4096, 4096, rngs=nnx.Rngs(0))
       >>> y = layer(x)
     """
 
-    fixed_quant_type: ClassVar[Optional[str]] = None
+    fixed_settings: ClassVar[dict] = {}
 
     def __init__(
         self,
@@ -60,27 +57,15 @@ class Dense4bit(construction.FromLinear, nnx.Module):
         blocksize: int = 64,
         compress_statistics: bool = True,
         compute_dtype: Optional[Any] = None,
-        use_bias: bool = True,
-        param_dtype: Any = jnp.float32,
-        kernel_init: Initializer = nnx.initializers.lecun_normal(),
-        bias_init: Initializer = nnx.initializers.zeros_init(),
         backend: Optional[str] = None,
-        rngs: nnx.Rngs,
+        **dense,
     ):
-        if self.fixed_quant_type is not None and quant_type != self.fixed_quant_type:
-            raise ValueError(f"{type(self).__name__} fixes quant_type={self.fixed_quant_type!r}; got {quant_type!r}")
-        check_layer_config(type(self).__name__, quant_type, blocksize)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.quant_type = quant_type
-        self.blocksize = blocksize
-        self.compress_statistics = compress_statistics
-        self.compute_dtype = compute_dtype
-        self.use_bias = use_bias
-        self.backend = backend
-        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
-        self.weight = QuantizedWeight(construction.quantize_4bit(kernel.T, blocksize, quant_type, compress_statistics))
-        self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
+        variants.check_fixed(type(self), {"quant_type": quant_type})
+        checks.check_4bit_config(type(self).__name__, quant_type, blocksize)
+        kernel = self.init_dense(in_features, out_features, **dense)
+        self.quant_type, self.blocksize, self.compress_statistics = quant_type, blocksize, compress_statistics
+        self.compute_dtype, self.backend = compute_dtype, backend
+        self.weight = QuantizedWeight(quantize.quantize_4bit(kernel.T, blocksize, quant_type, compress_statistics))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in)``; returns ``(..., out)`` in ``x``'s dtype.
@@ -93,39 +78,11 @@ class Dense4bit(construction.FromLinear, nnx.Module):
             weight's shape/quant_type/blocksize differs from the layer's.
         """
         owner = type(self).__name__
-        q = check_loaded_weight(
-            owner, self.weight.get_value(), (self.out_features, self.in_features), self.quant_type, self.blocksize
-        )
-        bias = None if self.bias is None else self.bias[...]
-        x_dtype = getattr(x, "dtype", None)
-        if self.compute_dtype is None and x_dtype == jnp.float16 and x.ndim > 0:
-            rows = "inference." if x.size == x.shape[-1] else "inference or training speed."
-            warn_once_per_weight(
-                q.packed,
-                f"Input type into {owner} is float16, but compute_dtype is not set (bitsandbytes' "
-                f"bnb_4bit_compute_dtype default is float32); pass compute_dtype explicitly. "
-                f"This will lead to slow {rows}",
-                stacklevel=3,
-            )
-        return ops.matmul_4bit(x, q, bias, compute_dtype=self.compute_dtype, backend=self.backend)
-
-
-class DenseNF4(Dense4bit):
-    """:class:`Dense4bit` with ``quant_type="nf4"`` (bitsandbytes' LinearNF4)."""
-
-    fixed_quant_type: ClassVar[Optional[str]] = "nf4"
-
-    def __init__(self, in_features: int, out_features: int, *, quant_type: str = "nf4", **kwargs):
-        super().__init__(in_features, out_features, quant_type=quant_type, **kwargs)
-
-
-class DenseFP4(Dense4bit):
-    """:class:`Dense4bit` with ``quant_type="fp4"`` (bitsandbytes' LinearFP4)."""
-
-    fixed_quant_type: ClassVar[Optional[str]] = "fp4"
-
-    def __init__(self, in_features: int, out_features: int, *, quant_type: str = "fp4", **kwargs):
-        super().__init__(in_features, out_features, quant_type=quant_type, **kwargs)
+        dtypes.check_4bit_input(owner, x)
+        q = self.weight.get_value()
+        q = checks.check_dense_4bit_weight(owner, q, x, self.out_features, self.quant_type, self.blocksize)
+        compute = dtypes.fourbit_compute_dtype(owner, x, q, self.compute_dtype)
+        return ops.matmul_4bit(x, q, self.bias_value(), compute_dtype=compute, backend=self.backend)
 
 
 class Embed4bit(nnx.Module):
@@ -147,36 +104,31 @@ class Embed4bit(nnx.Module):
       rngs: the ``nnx.Rngs`` the table is drawn from.
     """
 
-    fixed_quant_type: ClassVar[Optional[str]] = None
+    fixed_settings: ClassVar[dict] = {}
 
     def __init__(
         self,
         num_embeddings: int,
         features: int,
         *,
+        param_dtype: Any = jnp.float32,
+        embedding_init: Initializer = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
         quant_type: str = "nf4",
         blocksize: int = 64,
         compress_statistics: bool = False,
-        param_dtype: Any = jnp.float32,
-        embedding_init: Initializer = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
         backend: Optional[str] = None,
         rngs: nnx.Rngs,
     ):
-        if self.fixed_quant_type is not None and quant_type != self.fixed_quant_type:
-            raise ValueError(f"{type(self).__name__} fixes quant_type={self.fixed_quant_type!r}; got {quant_type!r}")
         owner = type(self).__name__
-        check_layer_config(owner, quant_type, blocksize)
-        for name, value in (("num_embeddings", num_embeddings), ("features", features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
-        self.num_embeddings = num_embeddings
-        self.features = features
-        self.quant_type = quant_type
-        self.blocksize = blocksize
-        self.compress_statistics = compress_statistics
+        variants.check_fixed(type(self), {"quant_type": quant_type})
+        checks.check_4bit_config(owner, quant_type, blocksize)
+        checks.check_positive_int(owner, "num_embeddings", num_embeddings)
+        checks.check_positive_int(owner, "features", features)
+        self.num_embeddings, self.features = num_embeddings, features
+        self.quant_type, self.blocksize, self.compress_statistics = quant_type, blocksize, compress_statistics
         self.backend = backend
         table = embedding_init(rngs.params(), (num_embeddings, features), param_dtype)
-        self.weight = QuantizedWeight(construction.quantize_4bit(table, blocksize, quant_type, compress_statistics))
+        self.weight = QuantizedWeight(quantize.quantize_4bit(table, blocksize, quant_type, compress_statistics))
 
     @classmethod
     def from_embed(cls, embed: nnx.Embed, **options) -> "Embed4bit":
@@ -198,21 +150,9 @@ class Embed4bit(nnx.Module):
 
     def table(self) -> fourbit.Packed4bit:
         """The stored table, checked against the layer's settings (warns once if rows straddle blocks)."""
-        q = check_loaded_weight(
-            type(self).__name__,
-            self.weight.get_value(),
-            (self.num_embeddings, self.features),
-            self.quant_type,
-            self.blocksize,
-        )
-        if self.features % self.blocksize != 0:
-            warn_once_per_weight(
-                q.packed,
-                f"Embedding size {self.features} is not divisible by block size {self.blocksize}. "
-                "This will lead to slow inference.",
-                stacklevel=4,
-            )
-        return q
+        shape = (self.num_embeddings, self.features)
+        owner = type(self).__name__
+        return embedding.checked_4bit_table(owner, self.weight.get_value(), shape, self.quant_type, self.blocksize)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """Looks up integer ``ids`` (any shape); returns ``(*ids.shape, features)`` in the table dtype.
@@ -237,19 +177,7 @@ class Embed4bit(nnx.Module):
         return ops.matmul_4bit(query, self.table(), backend=self.backend)
 
 
-class EmbedNF4(Embed4bit):
-    """:class:`Embed4bit` with ``quant_type="nf4"`` (bitsandbytes' EmbeddingNF4)."""
+_variant = functools.partial(variants.fixed_variant, module=__name__, defaults=variants.init_defaults)
 
-    fixed_quant_type: ClassVar[Optional[str]] = "nf4"
-
-    def __init__(self, num_embeddings: int, features: int, *, quant_type: str = "nf4", **kwargs):
-        super().__init__(num_embeddings, features, quant_type=quant_type, **kwargs)
-
-
-class EmbedFP4(Embed4bit):
-    """:class:`Embed4bit` with ``quant_type="fp4"`` (bitsandbytes' EmbeddingFP4)."""
-
-    fixed_quant_type: ClassVar[Optional[str]] = "fp4"
-
-    def __init__(self, num_embeddings: int, features: int, *, quant_type: str = "fp4", **kwargs):
-        super().__init__(num_embeddings, features, quant_type=quant_type, **kwargs)
+DenseNF4, DenseFP4 = (_variant(Dense4bit, *spec) for spec in variants.FOURBIT_DENSE)
+EmbedNF4, EmbedFP4 = (_variant(Embed4bit, *spec) for spec in variants.FOURBIT_EMBED)

@@ -1,4 +1,4 @@
-"""LLM.int8 layers as NNX modules: Dense8bitLt (SPEC §6.3) and Embed8bit (SPEC §6.9).
+"""LLM.int8 layers as NNX modules: Dense8bitLt and Embed8bit (docs/int8.md, docs/embeddings.md).
 
 NNX twins of the Linen modules in :mod:`qflax.linen`: same arguments (``in_features``/
 ``out_features`` in place of Linen's ``features``, plus ``rngs``), same variable names, same
@@ -14,36 +14,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qflax import ops
-from qflax.nnx import construction
+from qflax.layers import checks, dtypes, quantize
+from qflax.nnx.construction import DenseParams
 from qflax.nnx.variables import QuantizedWeight
-from qflax.quant import validation
 
 Initializer = Callable[..., jax.Array]
 
 
-class Dense8bitLt(construction.FromLinear, nnx.Module):
+class Dense8bitLt(DenseParams, nnx.Module):
     """A dense layer ``y = x @ W.T + bias`` computed with LLM.int8 (bitsandbytes' Linear8bitLt).
 
-    * ``has_fp16_weights=False`` (inference): the weight is frozen, int8 ``(out, in)`` codes
-      plus float32 row absmax (bitsandbytes' ``CB``/``SCB``), in :class:`QuantizedWeight`
-      "weight"; ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)`` see only the bias.
+    * ``has_fp16_weights=False`` (inference, the default here; bitsandbytes' default is True, see the
+      Linen twin): the weight is frozen, int8 ``(out, in)`` codes plus float32 row absmax
+      (bitsandbytes' ``CB``/``SCB``), in :class:`QuantizedWeight` "weight"; ``nnx.grad`` and
+      ``nnx.Optimizer(..., wrt=nnx.Param)`` see only the bias.
     * ``has_fp16_weights=True`` (training): a float ``nnx.Param`` "kernel" ``(in, out)``,
       quantized on every call; its gradient is the exact ``G^T X``.
 
     Args:
-      in_features: input features.
-      out_features: output features.
+      in_features, out_features: the layer's sizes.
       threshold: LLM.int8 outlier threshold (>= 0; 0 disables the mixed-precision path).
       has_fp16_weights: True for a trainable float weight quantized every call.
-      use_bias: whether to add a bias.
       dtype: the dtype inputs are cast to before the matmul (and of the output); None keeps
-        the input's dtype.
-      param_dtype: dtype of the float kernel (before quantization) and bias.
-      kernel_init: initializer of the ``(in, out)`` kernel; the frozen weight is the int8
-        quantization of its transpose.
-      bias_init: initializer of the bias.
+        the input's dtype (the Flax rule of :mod:`qflax.layers.dtypes`).
       backend: "auto", "xla", "triton" or None (see :mod:`qflax.ops.dispatch`).
-      rngs: the ``nnx.Rngs`` the parameters are drawn from.
+      **dense: ``use_bias``, ``param_dtype``, ``kernel_init`` (the frozen weight is the int8
+        quantization of the transposed kernel), ``bias_init`` and ``rngs``, as
+        :class:`~qflax.nnx.construction.DenseParams`.
 
     Example:
       >>> layer = Dense8bitLt(1024, 3072, threshold=6.0, rngs=nnx.Rngs(0))
@@ -57,34 +54,21 @@ class Dense8bitLt(construction.FromLinear, nnx.Module):
         *,
         threshold: float = 0.0,
         has_fp16_weights: bool = False,
-        use_bias: bool = True,
         dtype: Optional[Any] = None,
-        param_dtype: Any = jnp.float32,
-        kernel_init: Initializer = nnx.initializers.lecun_normal(),
-        bias_init: Initializer = nnx.initializers.zeros_init(),
         backend: Optional[str] = None,
-        rngs: nnx.Rngs,
+        **dense,
     ):
-        self.in_features = in_features
-        self.out_features = out_features
-        self.threshold = threshold
-        self.has_fp16_weights = has_fp16_weights
-        self.use_bias = use_bias
-        self.dtype = dtype
-        self.backend = backend
-        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        kernel = self.init_dense(in_features, out_features, **dense)
+        self.threshold, self.has_fp16_weights, self.dtype, self.backend = threshold, has_fp16_weights, dtype, backend
         if has_fp16_weights:
             self.kernel = nnx.Param(kernel)
         else:
-            self.weight = QuantizedWeight(construction.quantize_rows(kernel.T))
-        self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
+            self.weight = QuantizedWeight(quantize.quantize_rows(kernel.T))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer to ``x (..., in)``; returns ``(..., out)`` in ``x``'s dtype (or ``dtype``)."""
-        x = validation.check_float_array(x, "x", allow_empty=True)
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        bias = None if self.bias is None else self.bias[...]
+        x = dtypes.flax_dtype_input(x, self.dtype)
+        bias = self.bias_value()
         if self.has_fp16_weights:
             kernel = self.kernel[...]
             return ops.matmul_8bit_trainable(x, kernel.T, bias, threshold=self.threshold, backend=self.backend)
@@ -118,12 +102,9 @@ class Embed8bit(nnx.Module):
         backend: Optional[str] = None,
         rngs: nnx.Rngs,
     ):
-        self.num_embeddings = num_embeddings
-        self.features = features
-        self.dtype = dtype
-        self.backend = backend
+        self.num_embeddings, self.features, self.dtype, self.backend = num_embeddings, features, dtype, backend
         table = embedding_init(rngs.params(), (num_embeddings, features), jnp.float32)
-        self.weight = QuantizedWeight(construction.quantize_rows(table))
+        self.weight = QuantizedWeight(quantize.quantize_rows(table))
 
     @classmethod
     def from_embed(cls, embed: nnx.Embed, **options) -> "Embed8bit":
@@ -146,9 +127,5 @@ class Embed8bit(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         """Looks up integer ``ids`` (any shape); returns ``(*ids.shape, features)`` in ``dtype``."""
         weight = self.weight.get_value()
-        if tuple(weight.codes.shape) != (self.num_embeddings, self.features):
-            raise ValueError(
-                f"the quantized table must have shape ({self.num_embeddings}, {self.features}), "
-                f"got {tuple(weight.codes.shape)}"
-            )
+        checks.check_int8_table(weight, self.num_embeddings, self.features)
         return ops.embed_8bit(ids, weight, dtype=self.dtype, backend=self.backend)

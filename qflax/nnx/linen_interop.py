@@ -17,10 +17,8 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from flax.nnx import variablelib
 
+from qflax.layers.names import OPTIM_BITS, PARAMS
 from qflax.nnx.outlier_aware import OutlierDims
-
-OPTIM_BITS = "optim_bits"
-
 
 
 def _collection(var: nnx.Variable) -> str | None:
@@ -28,7 +26,7 @@ def _collection(var: nnx.Variable) -> str | None:
     if isinstance(var, nnx.RngState):
         return None
     if isinstance(var, nnx.Param):  # LoRAParam and other Param subclasses are params too
-        return "params"
+        return PARAMS
     return variablelib.variable_name_from_type(type(var), allow_register=True)
 
 
@@ -110,7 +108,7 @@ def from_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     nnx_vars = _flat_variables(model)
     modules = {tuple(str(p) for p in path): module for path, module in nnx.iter_modules(model)}
     for path in optim_bits:
-        if ("params", *path) not in nnx_vars:
+        if (PARAMS, *path) not in nnx_vars:
             raise ValueError(f"Linen entry {OPTIM_BITS}/{'/'.join(path)} marks a param the NNX model does not have")
     to_drop = []
     for key, var in nnx_vars.items():
@@ -131,13 +129,13 @@ def from_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     for key, var in nnx_vars.items():
         if key in linen:
             var.set_value(linen[key])
-            if key[0] == "params" and key[1:] in optim_bits:
+            if key[0] == PARAMS and key[1:] in optim_bits:
                 var.set_metadata(OPTIM_BITS, int(optim_bits[key[1:]]))
     for key in to_drop:
         setattr(modules[tuple(key[1:-1])], key[-1], None)
     for key in to_create:
         collection = key[0]
-        variable_type = nnx.Param if collection == "params" else variablelib.variable_type_from_name(collection)
+        variable_type = nnx.Param if collection == PARAMS else variablelib.variable_type_from_name(collection)
         setattr(modules[tuple(key[1:-1])], key[-1], variable_type(linen[key]))
     return model
 

@@ -1,4 +1,4 @@
-"""``OutlierAwareDense`` and its outlier search as NNX (bitsandbytes' OutlierAwareLinear/OutlierTracer, SPEC §8).
+"""``OutlierAwareDense`` and its outlier search as NNX: bitsandbytes' OutlierAwareLinear/OutlierTracer (docs/int8.md).
 
 NNX twin of :mod:`qflax.linen.outlier_aware`, in the same three steps:
 
@@ -17,23 +17,22 @@ Subclasses override the two hooks, as with the Linen module.
 
 import contextlib
 import contextvars
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
+from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qflax import ops
-from qflax.linen.outlier_aware import OutlierSplitWeight
+from qflax.layers import checks, outliers
+from qflax.layers.names import OUTLIERS
+from qflax.layers.outliers import OutlierSplitWeight
+from qflax.nnx.construction import DenseParams
 from qflax.nnx.variables import QuantizedWeight
-from qflax.quant import int8 as int8_quant
 from qflax.quant import validation
 
-Initializer = Callable[..., jax.Array]
 
-
-@nnx.register_variable_name("outliers")
+@nnx.register_variable_name(OUTLIERS)
 class OutlierDims(nnx.Variable):
     """The outlier input dimensions of an :class:`OutlierAwareDense` (int32 ``(n,)``); Linen collection "outliers"."""
 
@@ -42,53 +41,27 @@ class OutlierDims(nnx.Variable):
 _recording: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("qflax_outlier_recording", default=None)
 
 
-class OutlierAwareDense(nnx.Module):
+class OutlierAwareDense(DenseParams, nnx.Module):
     """A dense layer that keeps chosen input dimensions in full precision and the rest in int8.
 
     Args:
-      in_features: input features.
-      out_features: output features.
-      use_bias: whether to add a bias.
-      param_dtype: dtype of the float kernel and bias.
-      kernel_init: initializer of the ``(in, out)`` kernel.
-      bias_init: initializer of the bias.
+      in_features, out_features: the layer's sizes.
       backend: "auto", "xla", "triton" or None, for the int8 matmul.
-      rngs: the ``nnx.Rngs`` the parameters are drawn from.
+      **dense: ``use_bias``, ``param_dtype``, ``kernel_init``, ``bias_init`` and ``rngs``, as
+        :class:`~qflax.nnx.construction.DenseParams`.
     """
 
     # Variables that exist only before ("kernel") or after ("weight") quantization.
     optional_variables: ClassVar[tuple[str, ...]] = ("kernel", "weight")
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        use_bias: bool = True,
-        param_dtype: Any = jnp.float32,
-        kernel_init: Initializer = nnx.initializers.lecun_normal(),
-        bias_init: Initializer = nnx.initializers.zeros_init(),
-        backend: Optional[str] = None,
-        rngs: nnx.Rngs,
-    ):
-        self.in_features = in_features
-        self.out_features = out_features
-        self.use_bias = use_bias
+    def __init__(self, in_features: int, out_features: int, *, backend: Optional[str] = None, **dense):
+        self.kernel = nnx.data(nnx.Param(self.init_dense(in_features, out_features, **dense)))
         self.backend = backend
-        self.kernel = nnx.data(nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype)))
-        self.bias = nnx.data(nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None)
         self.idx = OutlierDims(jnp.zeros((0,), jnp.int32))
         self.weight: Optional[QuantizedWeight] = nnx.data(None)
 
     def _outlier_idx(self) -> jax.Array:
-        idx = self.idx.get_value()
-        if not jnp.issubdtype(idx.dtype, jnp.integer) or idx.ndim != 1:
-            raise TypeError(f"outliers['idx'] must be a 1-D integer array, got {idx.dtype} {tuple(idx.shape)}")
-        if not isinstance(idx, jax.core.Tracer) and idx.size and (
-            int(idx.min()) < 0 or int(idx.max()) >= self.in_features
-        ):
-            raise ValueError(f"outliers['idx'] must lie in [0, {self.in_features}), got {np.asarray(idx).tolist()}")
-        return idx
+        return checks.check_outlier_idx(self.idx.get_value(), self.in_features)
 
     def quantize(self) -> None:
         """Quantizes the float kernel with the current outlier dims (``quantize_weight``) and drops it."""
@@ -102,10 +75,9 @@ class OutlierAwareDense(nnx.Module):
 
         Returns:
           What :meth:`forward_with_outliers` reads from "weight"; the default is an
-          :class:`~qflax.linen.outlier_aware.OutlierSplitWeight`.
+          :class:`~qflax.layers.outliers.OutlierSplitWeight`.
         """
-        w_int8 = int8_quant.quantize_rows(w.at[:, outlier_idx].set(0))
-        return OutlierSplitWeight(int8=w_int8, outlier_columns=w[:, outlier_idx])
+        return outliers.split_weight(w, outlier_idx)
 
     def forward_with_outliers(self, x: jax.Array, outlier_idx: jax.Array) -> jax.Array:
         """Hook: the output from the stored "weight".
@@ -118,41 +90,20 @@ class OutlierAwareDense(nnx.Module):
           ``(..., out_features)`` in ``x``'s dtype.
         """
         weight: OutlierSplitWeight = self.weight.get_value()
-        bias = None if self.bias is None else self.bias[...]
-        y = ops.matmul_8bit(x.at[..., outlier_idx].set(0), weight.int8, bias, backend=self.backend)
-        if outlier_idx.shape[0]:
-            x_out = x[..., outlier_idx]
-            y_out = jnp.matmul(x_out, weight.outlier_columns.T.astype(x.dtype), preferred_element_type=jnp.float32)
-            y = (y.astype(jnp.float32) + y_out).astype(x.dtype)
-        return y
+        return outliers.split_forward(x, weight, self.bias_value(), outlier_idx, self.backend)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Float Dense before quantization, ``forward_with_outliers(x, outlier_idx)`` after."""
         x = validation.check_float_array(x, "x", allow_empty=True)
         recording = _recording.get()
         if recording is not None:
-            _record(recording, self, x)
+            outliers.merge_stats(recording["found"], id(self), outliers.input_stats(x, recording["zscore"]))
         outlier_idx = self._outlier_idx()
         if self.weight is not None:
             return self.forward_with_outliers(x, outlier_idx)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-        y = jnp.matmul(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
-
-
-def _record(recording: dict, layer: OutlierAwareDense, x: jax.Array) -> None:
-    """Input statistics of one call: per-dimension absmax and (if asked) z-score of the std."""
-    h = x.astype(jnp.float32).reshape(-1, x.shape[-1])
-    stats = {"absmax": jnp.max(jnp.abs(h), axis=0)}
-    if recording["zscore"]:
-        std = jnp.std(h, axis=0, ddof=1) if h.shape[0] > 1 else jnp.zeros(h.shape[-1], jnp.float32)
-        stats["z"] = (std - jnp.mean(std)) / jnp.maximum(jnp.std(std, ddof=1), jnp.float32(1e-12))
-    found = recording["found"]
-    key = id(layer)
-    found[key] = jax.tree.map(jnp.maximum, found[key], stats) if key in found else stats
+        return outliers.float_forward(x, self.kernel[...], self.bias_value())
 
 
 @contextlib.contextmanager
@@ -193,25 +144,10 @@ def find_outlier_dims(
     Raises:
       ValueError: negative threshold, bad zscore, no samples, or no OutlierAwareDense called.
     """
-    if not np.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-    if zscore is not None and not zscore > 0:
-        raise ValueError(f"zscore must be > 0 or None, got {zscore!r}")
-    samples = [samples] if isinstance(samples, (jax.Array, np.ndarray)) else list(samples)
-    if not samples:
-        raise ValueError("samples must hold at least one input")
-    masks: dict = {}
-    for x in samples:
-        for path, stats in _collect(model, x, zscore is not None).items():
-            mask = np.zeros(stats["absmax"].shape, bool)
-            if threshold > 0:
-                mask |= np.asarray(stats["absmax"]) >= threshold
-            if zscore is not None:
-                mask |= np.asarray(stats["z"]) > zscore
-            masks[path] = masks[path] | mask if path in masks else mask
-    if not masks:
-        raise ValueError("no OutlierAwareDense layer was called by the model")
-    return {path: np.nonzero(mask)[0].astype(np.int32) for path, mask in masks.items()}
+    search = outliers.OutlierSearch(threshold, zscore)
+    for x in search.samples(samples):
+        search.add(_collect(model, x, zscore is not None))
+    return search.indices([OutlierAwareDense.__name__])
 
 
 def quantize_outlier_aware(model: nnx.Module, outlier_dims: Mapping[str, Any]) -> nnx.Module:

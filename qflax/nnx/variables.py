@@ -16,7 +16,7 @@ onto each other one to one.
 
 from flax import nnx
 
-LINEN_COLLECTION = "quantized"
+from qflax.layers.names import QUANTIZED
 
 
 class QuantizedWeight(nnx.Variable):
@@ -32,4 +32,4 @@ class QuantizedWeight(nnx.Variable):
     """
 
 
-nnx.register_variable_name(LINEN_COLLECTION, QuantizedWeight)
+nnx.register_variable_name(QUANTIZED, QuantizedWeight)

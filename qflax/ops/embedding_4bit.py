@@ -1,4 +1,4 @@
-"""Row lookup in a 4-bit table (bitsandbytes' ``Embedding4bit.forward``, SPEC §6.10).
+"""Row lookup in a 4-bit table (bitsandbytes' ``Embedding4bit.forward``, docs/embeddings.md#embedding4bit).
 
 When every row is made of whole absmax blocks (``features % blocksize == 0``) only the
 gathered rows are decoded: their packed bytes and absmax entries are gathered first. Otherwise

@@ -1,4 +1,4 @@
-"""Embedding lookup in a row-wise int8 table (bitsandbytes' Embedding8bit, SPEC §6.9).
+"""Embedding lookup in a row-wise int8 table (bitsandbytes' Embedding8bit, docs/embeddings.md#embedding8bit).
 
 Only the looked-up rows are dequantized: gather the int8 rows and their absmax, then
 ``rows * (absmax / 127)`` in float32, cast to the output dtype. ±1 tables come back exactly;

@@ -1,11 +1,11 @@
-"""``y = x @ W.T + bias`` with a frozen 4-bit weight (bitsandbytes' ``matmul_4bit``, SPEC §4.5).
+"""``y = x @ W.T + bias`` with a frozen 4-bit weight (bitsandbytes' ``matmul_4bit``, docs/fourbit.md#matmul).
 
 The weight stays packed: the forward pass dequantizes it in the compute dtype and multiplies;
 the backward pass dequantizes it again for ``G @ W`` instead of keeping a float copy alive.
 Gradients flow to ``x`` and ``bias`` only: the weight is frozen (QLoRA), so its cotangent is
 always zero and no ``G^T X`` product is ever formed.
 
-Compute dtype (SPEC §6.1): ``compute_dtype=None`` computes in the dtype of ``x``; otherwise
+Compute dtype (docs/fourbit.md#linear4bit): ``compute_dtype=None`` computes in the dtype of ``x``; otherwise
 ``x``, the weight and the bias are cast to ``compute_dtype`` and the result is cast back, so
 the output dtype always equals the input dtype. (bitsandbytes fixes the compute dtype from the
 first input a layer sees; qflax decides per call, which is what a pure function can do.)

@@ -1,4 +1,4 @@
-"""LLM.int8 matmul ``y = x @ W.T + bias`` (SPEC §3.5, §4.3) as differentiable JAX ops.
+"""LLM.int8 matmul ``y = x @ W.T + bias`` (docs/int8.md) as differentiable JAX ops.
 
 Activations are quantized per row to int8 (:func:`qflax.quant.int8_vectorwise_quant`), the
 weight is int8 per row (:class:`qflax.quant.Int8Rows`), the product accumulates in int32 and
@@ -15,7 +15,7 @@ Gradients (``jax.custom_vjp``):
 * input: ``G @ dequant(W)``, returned in ``x``'s dtype (as bitsandbytes);
 * bias: ``G`` summed over all leading dimensions;
 * weight, :func:`matmul_8bit_trainable` only: the exact ``G^T X`` from the float operands.
-  bitsandbytes 0.49.2 returns a wrong value here (SPEC §4.3); we do not mirror it.
+  bitsandbytes 0.49.2 returns a wrong value here (docs/int8.md#gradients); we do not mirror it.
 * The frozen :class:`Int8Rows` of :func:`matmul_8bit` gets a zero cotangent: it is a constant.
 """
 
@@ -103,8 +103,8 @@ def _forward(x2: jax.Array, w: Int8Rows, bias: Optional[jax.Array], threshold: f
     acc = int8_quant.int8_linear_matmul(codes, w.codes)
     out = int8_quant.int8_mm_dequant(acc, row_stats, w.scale)
     if threshold > 0:
-        # Outlier columns in the input precision against the int8-dequantized weight (SPEC §4.3
-        # step 5). Their int8 codes are zero, so the two products add up without overlap.
+        # Outlier columns in the input precision against the int8-dequantized weight (docs/int8.md#matmul,
+        # step 3). Their int8 codes are zero, so the two products add up without overlap.
         w_deq = int8_quant.int8_vectorwise_dequant(w.codes, w.scale).astype(x2.dtype)
         x_outliers = jnp.where(mask[None, :], x2, jnp.zeros((), x2.dtype))
         out = out + _matmul_t(x_outliers, w_deq)
@@ -203,7 +203,7 @@ def _matmul_trainable_fwd(x2, weight, bias, threshold, path):
 def _matmul_trainable_bwd(threshold, path, residuals, g2):
     x2, w, bias, weight_dtype_marker = residuals
     # The exact weight gradient G^T X, with both operands in the input precision and float32
-    # accumulation (not bitsandbytes 0.49.2's mis-scaled int8 product, SPEC §4.3).
+    # accumulation (not bitsandbytes 0.49.2's mis-scaled int8 product, docs/int8.md#gradients).
     grad_weight = jax.lax.dot_general(
         g2.astype(x2.dtype), x2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
     ).astype(weight_dtype_marker.dtype)

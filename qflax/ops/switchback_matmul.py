@@ -1,10 +1,10 @@
-"""SwitchBack matmuls (SPEC §7.2, §7.3, §6.5): int8 forward and input gradient, 16-bit weight gradient.
+"""SwitchBack matmuls (docs/switchback.md): int8 forward and input gradient, 16-bit weight gradient.
 
 Every op computes ``y = x @ weight.T + bias`` with ``weight`` in bitsandbytes' ``(out, in)``
 layout and returns ``x.dtype``. Leading dimensions of ``x`` are flattened into rows outside
 the ``custom_vjp`` (a reshape differentiates for free), so the vjp rules see ``X (M, K)``.
 
-The variants differ only in how each int8 product is quantized (SPEC §7.2's table):
+The variants differ only in how each int8 product is quantized (the table of docs/switchback.md#switchbacklinear):
 
 =====================  ============================  ================================  ===========================
 variant                forward                       grad_x                            grad_W (input precision)
@@ -14,7 +14,7 @@ vectorwise             row-wise X  x row-wise W      row-wise G  x column-wise W
 global_mem_efficient   row-wise X  x global W        row-wise G  x saved int8 W        G^T dequant(int8 X, row scales)
 =====================  ============================  ================================  ===========================
 
-``switchback_bnb_matmul`` is bitsandbytes' SwitchBackBnb as SPEC §6.5 intends it (the 0.49.2
+``switchback_bnb_matmul`` is bitsandbytes' SwitchBackBnb as intended (docs/switchback.md#switchbacklinearbnb; the 0.49.2
 module raises on every call): an LLM.int8 forward with optional outlier columns in float,
 ``grad_x`` through the dequantized int8 weight, and ``grad_W = G^T X`` in full precision.
 ``standard_matmul`` is the float reference with the same explicit vjp structure.
@@ -387,7 +387,8 @@ def standard_matmul(x: jax.Array, weight: jax.Array, bias: Optional[jax.Array] =
 
 
 # --------------------------------------------------------------------------------------------
-# SwitchBackBnb: LLM.int8 forward, grad_x via the int8 weight, 16-bit weight gradient (SPEC §6.5)
+# SwitchBackBnb: LLM.int8 forward, grad_x via the int8 weight, 16-bit weight gradient
+# (docs/switchback.md#switchbacklinearbnb)
 # --------------------------------------------------------------------------------------------
 
 
@@ -437,7 +438,7 @@ def switchback_bnb_matmul(
     threshold: float = 0.0,
     backend: Optional[str] = None,
 ) -> jax.Array:
-    """bitsandbytes' SwitchBackBnb as intended (SPEC §6.5): LLM.int8 forward, 16-bit weight gradient.
+    """bitsandbytes' SwitchBackBnb as intended: LLM.int8 forward, 16-bit weight gradient (docs/switchback.md).
 
     Forward: row-wise int8 ``x`` times row-wise int8 ``weight``; with ``threshold > 0`` every
     column of ``x`` holding an ``|x| >= threshold`` is left out of the int8 product and

@@ -1,7 +1,7 @@
-"""8-bit blockwise quantization with a 256-entry code (SPEC §3.3).
+"""8-bit blockwise quantization with a 256-entry code (docs/blockwise.md#blockwise).
 
 Used on its own (``quantize_blockwise``) and for double quantization of 4-bit absmax
-statistics (``compress_statistics=True``, SPEC §3.1 step 9).
+statistics (``compress_statistics=True``, docs/fourbit.md#double-quantization).
 """
 
 import functools
@@ -92,7 +92,7 @@ def quantize_blockwise(
 
     Args:
       x: float32/float16/bfloat16 array, any shape, flattened row-major into blocks.
-      code: 256-entry sorted float32 code; defaults to the dynamic map (SPEC §1.4).
+      code: 256-entry sorted float32 code; defaults to the dynamic map (docs/blockwise.md#dynamic-map).
       blocksize: one of 64, 128, ..., 4096.
 
     Returns:

@@ -1,13 +1,13 @@
-"""Code tables of bitsandbytes 0.49.2: NF4, FP4 and the 8-bit dynamic map (SPEC §1).
+"""Code tables of bitsandbytes 0.49.2: NF4, FP4 and the 8-bit dynamic map (docs/fourbit.md#code-tables).
 
 The tables are float32 numpy arrays (module constants, never mutated). The decision
-thresholds follow the CUDA kernels (SPEC §1.3), which are the canonical quantizer rules
+thresholds follow the CUDA kernels (docs/fourbit.md#rounding), which are the canonical quantizer rules
 in qflax: they agree bit for bit with bitsandbytes on CUDA, and for NF4 on CPU too.
 """
 
 import numpy as np
 
-# NF4: quantiles of N(0, 1) normalised to [-1, 1] (SPEC §1.1). Index = 4-bit code.
+# NF4: quantiles of N(0, 1) normalised to [-1, 1] (docs/fourbit.md#code-tables). Index = 4-bit code.
 NF4_TABLE = np.array(
     [
         -1.0,
@@ -91,7 +91,7 @@ def _torch_style_linspace_f32(start: float, end: float, steps: int) -> np.ndarra
     torch fills the first half as start + i*step and the second half as
     end - (steps-1-i)*step with one rounding each (an FMA); a float64 product and sum
     rounded once to float32 is the same thing. numpy's float64 linspace differs in 22
-    entries of the dynamic map (SPEC §1.4).
+    entries of the dynamic map (docs/blockwise.md#dynamic-map).
     """
     start32, end32 = np.float32(start), np.float32(end)
     step = np.float64((end32 - start32) / np.float32(steps - 1))
@@ -102,7 +102,7 @@ def _torch_style_linspace_f32(start: float, end: float, steps: int) -> np.ndarra
 
 
 def _create_dynamic_map() -> np.ndarray:
-    """The signed 8-bit dynamic map (max_exponent_bits=7, total_bits=8), SPEC §1.4."""
+    """The signed 8-bit dynamic map (max_exponent_bits=7, total_bits=8), docs/blockwise.md#dynamic-map."""
     values = []
     for i in range(7):
         bounds = _torch_style_linspace_f32(0.1, 1.0, 2**i + 1)
@@ -115,7 +115,7 @@ def _create_dynamic_map() -> np.ndarray:
 
 
 # 256 entries, index 0 = -0.99296874 (the CUDA value; bitsandbytes' CPU path later
-# overwrites its cached copy with -1.0, SPEC §1.4 — we never mutate ours).
+# overwrites its cached copy with -1.0, docs/blockwise.md#dynamic-map — we never mutate ours).
 DYNAMIC_MAP = _create_dynamic_map()
 DYNAMIC_MAP.setflags(write=False)
 for _table in (NF4_TABLE, NF4_THRESHOLDS, FP4_TABLE, FP4_MAGNITUDE_THRESHOLDS, FP4_MAGNITUDE_CODES):

@@ -1,4 +1,4 @@
-"""4-bit NF4/FP4 blockwise quantization in bitsandbytes' exact layout (SPEC §3.1, §3.2).
+"""4-bit NF4/FP4 blockwise quantization in bitsandbytes' exact layout (docs/fourbit.md).
 
 Layout: the tensor is flattened row-major and cut into blocks of ``blocksize``
 consecutive elements; each block has one float32 absmax; codes are packed two per byte,
@@ -164,7 +164,7 @@ def _quantize_4bit(x: jax.Array, blocksize: int, quant_type: str, compress_stati
 
 
 def _double_quantize(absmax: jax.Array) -> dict:
-    """Statistics of SPEC §3.1 step 9: 8-bit codes of absmax - mean(absmax), blocks of 256."""
+    """8-bit codes of absmax - mean(absmax), blocks of 256 (docs/fourbit.md#double-quantization)."""
     finite = jnp.isfinite(absmax)
     count = jnp.maximum(jnp.sum(finite), 1).astype(jnp.float32)
     kept = jnp.where(finite, absmax, 0)

@@ -1,4 +1,4 @@
-"""LLM.int8 primitives (SPEC §3.5): row/column int8 quantization with outliers, int8 matmul, dequant.
+"""LLM.int8 primitives (docs/int8.md#quantization): row/column int8 quantization with outliers, int8 matmul, dequant.
 
 Rounding is round-half-to-even of ``x * (127 * (1 / absmax))`` computed in float32, as
 bitsandbytes' CUDA and CPU kernels do (see :func:`llm_int8_codes`). An all-zero row (or
@@ -22,7 +22,7 @@ from flax import struct
 from qflax.quant import scaling, validation
 
 # 1 / (127 * 127) in float32: the exact dequant factor (bitsandbytes' CPU literal
-# 6.200124e-05 is 1.8e-5 relatively too large, SPEC §1.5).
+# 6.200124e-05 is 1.8e-5 relatively too large, docs/int8.md#dequantization).
 INV_127_SQUARED = np.float32(1.0 / (127 * 127))
 INV_127 = np.float32(1.0 / 127)
 # Rows above this scale are dequantized as codes * (stats / 127): 127 * stats would overflow.

@@ -1,4 +1,4 @@
-"""SwitchBack quantizers (SPEC §7.1): row-wise, column-wise-transposed, global, global-transposed.
+"""SwitchBack quantizers (docs/switchback.md#quantizers): row-wise, column-wise-transposed, global, global-transposed.
 
 All compute ``rne(127 * x / absmax)`` in float32 (bitsandbytes' Triton kernels worked in
 the input precision; float32 is at least as accurate). Scales are returned in float32. An

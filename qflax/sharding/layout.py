@@ -5,8 +5,8 @@ A 4-bit weight split along its input features (row-parallel) must be in the row 
 bitsandbytes' flat ``((n + 1) // 2, 1)`` array has no axis for the input features. Both layouts
 hold the same bytes in the same order; only the leaves' shapes differ. Every qflax op and
 ``dequantize_4bit`` accept both. bitsandbytes' state dicts and safetensors files take the flat
-layout: apply :func:`to_flat_layout` (after ``jax.device_get``) before ``to_bnb_state_dict``,
-``to_bnb_4bit_state_dict`` or ``save_bnb_4bit``; ``from_bnb_state_dict`` rejects a row view.
+layout: apply :func:`to_flat_layout` (after ``jax.device_get``) before ``to_bnb_state_dict`` or
+``to_bnb_checkpoint``; ``from_bnb_state_dict`` rejects a row view.
 """
 
 from typing import Any
@@ -35,7 +35,7 @@ def to_row_view(tree: Any) -> Any:
       The same tree with those Packed4bit leaves reshaped.
 
     Example:
-      >>> variables = to_row_view(quantize_params_4bit(float_params))
+      >>> variables = to_row_view(quantize_params(float_params))
       >>> shardings = quantized_shardings(variables, rules, mesh)
     """
 

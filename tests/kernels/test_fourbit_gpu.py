@@ -190,6 +190,7 @@ def test_bnb_format_round_trip_gives_the_same_kernel_output():
     np.testing.assert_array_equal(np.asarray(fourbit.dequantize_4bit(restored)), np.asarray(fourbit.dequantize_4bit(q)))
 
 
+@pytest.mark.backend("auto")  # the unforced call is auto's choice
 def test_forced_kernel_runs_where_auto_would_not_pick_it():
     """"triton" at 600 rows runs the kernel (auto takes XLA above 512) and agrees with XLA."""
     from qflax.ops import last_path, matmul_4bit
@@ -203,6 +204,7 @@ def test_forced_kernel_runs_where_auto_would_not_pick_it():
     assert _relative_error(y, y_xla.astype(jnp.float32)) < TOLERANCE["bfloat16"]
 
 
+@pytest.mark.backend("auto")  # what auto picks on the GPU is under test
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_4bit_op_dispatches_to_the_kernels(dtype):
     """qflax.ops.matmul_4bit picks "triton" on the GPU, agrees with its XLA path, forward and grad."""
@@ -232,6 +234,7 @@ def test_matmul_4bit_op_dispatches_to_the_kernels(dtype):
     assert _relative_error(y_vmap, y_xla.astype(jnp.float32)) < tolerance
 
 
+@pytest.mark.backend("auto")
 def test_matmul_4bit_op_falls_back_to_xla_for_other_blocksizes():
     from qflax.ops import last_path, matmul_4bit
 

@@ -85,7 +85,7 @@ def test_int8_matmul_matches_reference(dtype, scale_kind, shape):
 
 
 def _llm_rows_ref(x, threshold=0.0):
-    """bitsandbytes' int8_vectorwise_quant in XLA (SPEC §3.5): scale 127 * (1 / absmax); outlier
+    """bitsandbytes' int8_vectorwise_quant in XLA (docs/int8.md#quantization): scale 127 * (1 / absmax); outlier
     elements leave the row absmax and round to 0; outlier columns' codes are 0 (more than one row)."""
     x = x.astype(jnp.float32)
     mask = int8_ref.outlier_mask(x, threshold)

@@ -202,7 +202,7 @@ def test_quantize_rows_rounds_half_to_even():
 
 
 def _llm_int8_rows_numpy(x, threshold):
-    """bitsandbytes' int8_vectorwise_quant, in numpy (SPEC §3.5): scale ``127 * (1 / absmax)`` in
+    """bitsandbytes' int8_vectorwise_quant, in numpy (docs/int8.md#quantization): scale ``127 * (1 / absmax)`` in
     float32; with a threshold, outlier elements leave the row absmax and round to 0, and with more
     than one row, outlier columns' codes are 0."""
     is_out = np.abs(x) >= threshold if threshold > 0 else np.zeros(x.shape, bool)

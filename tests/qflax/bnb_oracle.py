@@ -1,11 +1,9 @@
 """Helpers to call bitsandbytes 0.49.2 (CPU) as a test oracle and move data between torch and jax."""
 
+import bitsandbytes.functional as bnb_functional
 import jax.numpy as jnp
 import numpy as np
-import pytest
-
-torch = pytest.importorskip("torch")
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+import torch
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -1,6 +1,6 @@
-"""A small, independent numpy reference of bitsandbytes' CUDA 4-bit rules (SPEC §1.3, §3.1).
+"""A small, independent numpy reference of bitsandbytes' CUDA 4-bit rules (docs/fourbit.md#rounding).
 
-Written from the SPEC's tables, not from qflax's code: thresholds are derived here as float64
+Written from the tables of docs/fourbit.md, not from qflax's code: thresholds are derived here as float64
 midpoints of the tables, FP4 codes by an explicit if-chain, and packing by plain loops over
 numpy arrays.
 """
@@ -70,3 +70,25 @@ def pack(codes: np.ndarray) -> np.ndarray:
     for j in range(len(codes) // 2):
         out[j, 0] = (int(codes[2 * j]) << 4) | int(codes[2 * j + 1])
     return out
+
+
+def dequantize(entries: dict, prefix: str = "weight") -> np.ndarray:
+    """Decodes bitsandbytes' state-dict entries of a 4-bit weight to float32 values, flat.
+
+    Element ``i`` is ``quant_map[code_i] * absmax[i // blocksize]``; a double-quantized absmax is
+    ``nested_quant_map[code_b] * nested_absmax[b // nested_blocksize] + nested_offset``, all in float32.
+    """
+    import json
+
+    meta = json.loads(bytes(next(v for k, v in entries.items() if ".quant_state." in k)))
+    n = int(np.prod(meta["shape"]))
+    packed = np.asarray(entries[prefix]).reshape(-1)
+    codes = np.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:n]
+    absmax = np.asarray(entries[f"{prefix}.absmax"])
+    if "nested_offset" in meta:
+        blocks = np.arange(absmax.size) // meta["nested_blocksize"]
+        scale = np.asarray(entries[f"{prefix}.nested_absmax"], np.float32)[blocks]
+        absmax = np.asarray(entries[f"{prefix}.nested_quant_map"], np.float32)[absmax] * scale
+        absmax = absmax + np.float32(meta["nested_offset"])
+    table = np.asarray(entries[f"{prefix}.quant_map"], np.float32)
+    return table[codes] * absmax.astype(np.float32)[np.arange(n) // meta["blocksize"]]

@@ -10,6 +10,7 @@ import pytest
 
 from qflax.linen import Dense4bit, DenseFP4, DenseNF4
 from qflax.quant import Packed4bit, dequantize_4bit, quantize_4bit
+from tests.pairwise import pairwise
 
 quantize = jax.jit(quantize_4bit, static_argnames=("blocksize", "quant_type", "compress_statistics"))
 K, FEATURES = 192, 40
@@ -25,9 +26,8 @@ def layer_variables(quant_type="nf4", blocksize=64, nested=True, features=FEATUR
 
 
 @pytest.mark.filterwarnings("ignore:Input type into")
-@pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("blocksize", [64, 128])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+# Pairwise (4 of 8 settings), each with all nine (dtype, batch shape) inputs.
+@pytest.mark.parametrize("quant_type,blocksize,nested", pairwise(["nf4", "fp4"], [64, 128], [True, False]))
 def test_output_equals_x_times_dequantized_weight_plus_bias(quant_type, blocksize, nested):
     model = Dense4bit(FEATURES, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
     variables = layer_variables(quant_type, blocksize, nested)
@@ -101,9 +101,9 @@ def test_grad_over_params_only_with_frozen_quantized_weight():
 
 def test_fixed_quant_type_classes():
     assert DenseNF4(4).quant_type == "nf4" and DenseFP4(4).quant_type == "fp4"
-    with pytest.raises(ValueError, match="DenseNF4 quant_type is fixed to 'nf4'"):
+    with pytest.raises(ValueError, match="DenseNF4 fixes quant_type='nf4'"):
         DenseNF4(4, quant_type="fp4")
-    with pytest.raises(ValueError, match="DenseFP4 quant_type is fixed to 'fp4'"):
+    with pytest.raises(ValueError, match="DenseFP4 fixes quant_type='fp4'"):
         DenseFP4(4, quant_type="nf4")
 
 

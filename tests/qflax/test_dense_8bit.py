@@ -15,6 +15,8 @@ import bitsandbytes.functional as bnb_f
 from qflax import linen as qnn
 from qflax import quant
 
+INT8 = qnn.Rule("*", layers="dense", format="8bit")
+
 
 def _torch_linear(in_features, out_features, seed):
     """A torch nn.Linear's default init (U(-1/sqrt(in), 1/sqrt(in))), with fp16-representable values."""
@@ -27,7 +29,7 @@ def _torch_linear(in_features, out_features, seed):
 
 def _frozen_layer(threshold, w, b):
     layer = qnn.Dense8bitLt(w.shape[0], threshold=threshold)
-    variables = qnn.quantize_params_8bit({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)})
+    variables = qnn.quantize_params({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}, INT8)
     return layer, variables
 
 
@@ -60,12 +62,12 @@ def test_matches_bitsandbytes_linear8bitlt_on_cpu(threshold):
     x[1, 3, 30] = -11.0
     bnb_layer = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, threshold=threshold)
     bnb_layer.load_state_dict({"weight": torch.from_numpy(w), "bias": torch.from_numpy(b)})
-    bnb_layer = bnb_layer.to("cpu").eval()  # quantizes; eval = the int8 path on CPU (SPEC §6.3)
+    bnb_layer = bnb_layer.to("cpu").eval()  # quantizes; eval = the int8 path on CPU (docs/int8.md#linear8bitlt)
     sd = {k: v.clone() for k, v in bnb_layer.state_dict().items()}
     with torch.no_grad():
         y_bnb = bnb_layer(torch.from_numpy(x)).float().numpy()
 
-    variables = qnn.from_bnb_state_dict_8bit(sd)
+    variables = qnn.from_bnb_checkpoint(sd)
     ours = qnn.int8_weight_from_kernel(jnp.asarray(w.T))
     np.testing.assert_array_equal(np.asarray(variables["quantized"]["weight"].codes), np.asarray(ours.codes))
     np.testing.assert_array_equal(np.asarray(variables["quantized"]["weight"].scale), np.asarray(ours.scale))
@@ -86,8 +88,8 @@ def test_int8_codes_equal_bitsandbytes_quantizer():
 
 def test_bnb_state_dict_round_trip():
     w, b = _torch_linear(32, 16, seed=4)
-    variables = qnn.quantize_params_8bit({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)})
-    sd = qnn.to_bnb_state_dict_8bit(variables, module_prefix="fc.")
+    variables = qnn.quantize_params({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}, INT8)
+    sd = qnn.to_bnb_checkpoint(variables, rename=lambda path: "fc")  # the root layer is torch's "fc"
     assert sorted(sd) == ["fc.SCB", "fc.bias", "fc.weight", "fc.weight_format"]
     assert sd["fc.weight"].dtype == np.int8 and sd["fc.weight"].shape == (16, 32)
     assert sd["fc.SCB"].dtype == np.float32 and sd["fc.weight_format"].shape == ()
@@ -97,7 +99,7 @@ def test_bnb_state_dict_round_trip():
     np.testing.assert_array_equal(bnb_layer.weight.data.numpy(), sd["fc.weight"])
     np.testing.assert_array_equal(bnb_layer.weight.SCB.numpy(), sd["fc.SCB"])
 
-    back = qnn.from_bnb_state_dict_8bit(sd, module_prefix="fc.")
+    back = qnn.from_bnb_checkpoint(sd, rename=lambda name: "" if name == "fc" else name)
     np.testing.assert_array_equal(np.asarray(back["quantized"]["weight"].codes), sd["fc.weight"])
     np.testing.assert_array_equal(np.asarray(back["params"]["bias"]), b)
 
@@ -105,31 +107,34 @@ def test_bnb_state_dict_round_trip():
 def test_trainable_state_dict_is_float_weight_out_in():
     w, b = _torch_linear(12, 6, seed=5)
     variables = {"params": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}}
-    sd = qnn.to_bnb_state_dict_8bit(variables)
+    sd = qnn.to_bnb_checkpoint(variables)
     assert sorted(sd) == ["bias", "weight"]
     np.testing.assert_array_equal(sd["weight"], w)
     bnb_layer = bnb.nn.Linear8bitLt(12, 6, has_fp16_weights=True)
     bnb_layer.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
-    back = qnn.from_bnb_state_dict_8bit({k: v.detach() for k, v in bnb_layer.state_dict().items()})
+    # A float layer is read through a template (shapes of Dense8bitLt(has_fp16_weights=True).init).
+    template = qnn.Dense8bitLt(6, has_fp16_weights=True).init(jax.random.key(0), jnp.ones((1, 12)))
+    back = qnn.from_bnb_checkpoint({k: v.detach() for k, v in bnb_layer.state_dict().items()}, template)
     np.testing.assert_array_equal(np.asarray(back["params"]["kernel"]), w.T)
-    assert back["quantized"] == {}
+    np.testing.assert_array_equal(np.asarray(back["params"]["bias"]), b)
 
 
 def test_bad_state_dicts_raise_clear_errors():
     w, b = _torch_linear(8, 4, seed=6)
-    sd = qnn.to_bnb_state_dict_8bit(qnn.quantize_params_8bit({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}))
+    sd = qnn.to_bnb_checkpoint(qnn.quantize_params({"kernel": jnp.asarray(w.T), "bias": jnp.asarray(b)}, INT8))
     with pytest.raises(ValueError, match="Expected supported weight format - got 7"):
-        qnn.from_bnb_state_dict_8bit({**sd, "weight_format": np.array(7, np.uint8)})
+        qnn.from_bnb_checkpoint({**sd, "weight_format": np.array(7, np.uint8)})
     with pytest.raises(ValueError, match="Only 'row' weight format is supported, got col32"):
-        qnn.from_bnb_state_dict_8bit({**sd, "weight_format": np.array(1, np.uint8)})
+        qnn.from_bnb_checkpoint({**sd, "weight_format": np.array(1, np.uint8)})
     with pytest.raises(ValueError, match=r"SCB.*\(4,\)"):
-        qnn.from_bnb_state_dict_8bit({**sd, "SCB": np.ones(3, np.float32)})
+        qnn.from_bnb_checkpoint({**sd, "SCB": np.ones(3, np.float32)})
+    template = qnn.Dense8bitLt(4).init(jax.random.key(0), jnp.ones((1, 8)))
     with pytest.raises(KeyError, match="SCB"):
-        qnn.from_bnb_state_dict_8bit({"weight": sd["weight"]})
+        qnn.from_bnb_checkpoint({"weight": sd["weight"], "bias": sd["bias"]}, template)
     with pytest.raises(KeyError, match="weight"):
-        qnn.from_bnb_state_dict_8bit({"bias": sd["bias"]})
+        qnn.from_bnb_checkpoint({"bias": sd["bias"]}, template)
     with pytest.raises(ValueError, match="must be a 2-D int8 array when .SCB. is present"):
-        qnn.from_bnb_state_dict_8bit({"weight": w, "SCB": sd["SCB"]})
+        qnn.from_bnb_checkpoint({"weight": w, "SCB": sd["SCB"]})
 
 
 def test_bad_module_inputs_raise_clear_errors():
@@ -222,7 +227,7 @@ def test_mlp_with_trainable_int8_weights_reaches_float_loss():
 def test_quantize_params_8bit_converts_a_float_model():
     x = jax.random.normal(jax.random.key(2), (5, 16))
     float_vars = _MLP(nn.Dense).init(jax.random.key(3), x)
-    int8_vars = qnn.quantize_params_8bit(float_vars["params"])
+    int8_vars = qnn.quantize_params(float_vars["params"], INT8)
     assert set(int8_vars["params"]["hidden"]) == {"bias"}
     assert isinstance(int8_vars["quantized"]["hidden"]["weight"], quant.Int8Rows)
     y8 = _MLP(qnn.Dense8bitLt).apply(int8_vars, x)

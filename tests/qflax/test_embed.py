@@ -133,7 +133,7 @@ def test_stable_embed_matches_bitsandbytes(half):
     bnb_layer.load_state_dict(
         {"weight": torch.from_numpy(table), "norm.weight": torch.from_numpy(scale), "norm.bias": torch.from_numpy(bias)}
     )
-    if half:  # casting only the table works in bitsandbytes (SPEC §6.7)
+    if half:  # casting only the table works in bitsandbytes (docs/embeddings.md#stableembedding)
         bnb_layer.weight.data = bnb_layer.weight.data.half()
     with torch.no_grad():
         expected = bnb_layer(torch.from_numpy(ids.astype(np.int64))).float().numpy()

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qflax.linen import Embed4bit, EmbedFP4, EmbedNF4, load_bnb_4bit, to_bnb_4bit_state_dict
+from qflax.linen import Embed4bit, EmbedFP4, EmbedNF4, from_bnb_checkpoint, to_bnb_checkpoint
 from qflax.ops import embed_4bit
 from qflax.quant import dequantize_4bit, quantize_4bit
+from tests.pairwise import pairwise
 
 quantize = jax.jit(quantize_4bit, static_argnames=("blocksize", "quant_type", "compress_statistics"))
 ID_SHAPES = ((10,), (10, 10), (10, 10, 10))
@@ -24,9 +25,8 @@ def random_ids(shape, rows, seed=1):
     return jax.random.randint(jax.random.key(seed), shape, 0, rows)
 
 
-@pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("features", [128, 65])  # whole blocks per row (partial decode) / blocks straddle rows
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+# features 128: whole blocks per row (partial decode); 65: blocks straddle rows. Pairwise: 4 of 8 cases.
+@pytest.mark.parametrize("quant_type,features,nested", pairwise(["nf4", "fp4"], [128, 65], [False, True]))
 def test_lookup_equals_rows_of_the_dequantized_table(quant_type, features, nested):
     q = table(50, features, quant_type, nested)
     full = np.asarray(dequantize_4bit(q))
@@ -126,9 +126,9 @@ def test_attend_is_the_tied_output_projection():
 def test_embed_tables_export_and_load_like_dense_weights():
     model = EmbedNF4(40, 64)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.arange(4))
-    state = to_bnb_4bit_state_dict(variables)
+    state = to_bnb_checkpoint(variables)
     assert "weight.quant_state.bitsandbytes__nf4" in state
-    reloaded = load_bnb_4bit(state)
+    reloaded = from_bnb_checkpoint(state)
     ids = jnp.arange(40)
     np.testing.assert_array_equal(np.asarray(model.apply(reloaded, ids)), np.asarray(model.apply(variables, ids)))
 
@@ -144,7 +144,7 @@ def test_bad_inputs_raise_clear_errors():
         EmbedFP4(16, 64).apply({"quantized": {"weight": q}}, jnp.array([1]))
     with pytest.raises(KeyError, match="no variable 'weight'"):
         model.apply({}, jnp.array([1]))
-    with pytest.raises(ValueError, match="EmbedNF4 quant_type is fixed to 'nf4'"):
+    with pytest.raises(ValueError, match="EmbedNF4 fixes quant_type='nf4'"):
         EmbedNF4(4, 64, quant_type="fp4")
     with pytest.raises(ValueError, match="features must be a positive integer"):
         Embed4bit(4, 0).init(jax.random.key(0), jnp.array([1]))

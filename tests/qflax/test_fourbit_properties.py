@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from qflax import quant
 from qflax.quant import codebooks
 from tests.qflax import cuda_rules
+from tests.pairwise import pairwise
 
 # bitsandbytes' own test thresholds (tests/test_functional.py at 0.49.2) for randn(1024, 1024).
 NF4_MAE = {32: 0.067745, 64: 0.072792, 128: 0.076835, 256: 0.080326, 4096: 0.092537}
@@ -83,9 +84,10 @@ def test_all_zero_blocks_give_zeros_never_nan(quant_type, nested):
     assert np.all(np.asarray(quant.unpack_codes(q)).reshape(4, 64)[1:] == zero_code)
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+# Pairwise (6 of 12 cases): each one compiles the quantizer twice.
+@pytest.mark.parametrize(
+    "quant_type,nested,dtype", pairwise(["nf4", "fp4"], [False, True], [jnp.float32, jnp.float16, jnp.bfloat16])
+)
 def test_identical_under_jit(quant_type, nested, dtype):
     x = _randn((37, 96), dtype, seed=2)
     eager = quant.quantize_4bit(x, 64, quant_type, compress_statistics=nested)

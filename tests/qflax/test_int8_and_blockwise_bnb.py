@@ -82,7 +82,7 @@ def test_blockwise_float32_matches_bitsandbytes(blocksize):
     torch.manual_seed(blocksize)
     a = torch.randn(3, 3000)
     codes_bnb, state = F.quantize_blockwise(a, blocksize=blocksize)
-    # bitsandbytes' CPU routine first writes -1.0 into entry 0 of the map (SPEC §1.4); given
+    # bitsandbytes' CPU routine first writes -1.0 into entry 0 of the map (docs/blockwise.md#dynamic-map); given
     # that same map, every code matches.
     cpu_map = jnp.asarray(codebooks.DYNAMIC_MAP).at[0].set(-1.0)
     q = quant.quantize_blockwise(torch_to_jax(a), code=cpu_map, blocksize=blocksize)

@@ -1,14 +1,13 @@
-"""int8_vectorwise_quant with a threshold vs bitsandbytes 0.49.2 (SPEC §3.5): the row absmax
+"""int8_vectorwise_quant with a threshold vs bitsandbytes 0.49.2 (docs/int8.md#quantization): the row absmax
 leaves out only the outlier elements, not the whole outlier columns."""
 
+import bitsandbytes.functional as F
+import pytest
 import jax.numpy as jnp
 import numpy as np
-import pytest
+import torch
 
 from qflax.quant.int8 import int8_vectorwise_quant
-
-torch = pytest.importorskip("torch")
-F = pytest.importorskip("bitsandbytes.functional")
 
 
 def test_hand_computed_outlier_column_still_counts_in_row_absmax():

@@ -37,7 +37,7 @@ def test_activation_codes_equal_bitsandbytes(threshold, rows):
 def test_outlier_columns_follow_spec():
     x = _planted_fp16()
     _, _, mask = quant.int8_vectorwise_quant(jnp.asarray(x), 6.0)
-    # SPEC §3.5: sorted columns holding any |x| >= threshold; 6.0 itself counts.
+    # docs/int8.md#quantization: sorted columns holding any |x| >= threshold; 6.0 itself counts.
     independent = sorted({c for r, c in zip(*np.nonzero(np.abs(x.astype(np.float32)) >= 6.0))})
     assert quant.outlier_columns(mask).tolist() == independent == [5, 40, 77]
     codes, _, _ = quant.int8_vectorwise_quant(jnp.asarray(x), 6.0)

@@ -49,7 +49,7 @@ def _quantized(seed, quant_type="nf4"):
 def saved():
     """A quantized model (never modified by the tests) and its bitsandbytes state dict."""
     model = _quantized(0)
-    return model, qn.to_bnb_state_dict(model)
+    return model, qn.to_bnb_checkpoint(model)
 
 
 def _leaf_bytes(model):
@@ -73,10 +73,10 @@ def test_bnb_state_dict_round_trip_is_byte_identical(saved):
     model, state_dict = saved
     other = _quantized(1)
     assert _leaf_bytes(other) != _leaf_bytes(model)
-    qn.load_bnb_state_dict(other, state_dict)
+    qn.from_bnb_checkpoint(other, state_dict)
     assert _leaf_bytes(other) == _leaf_bytes(model)
     np.testing.assert_array_equal(_forward(other, IDS), _forward(model, IDS))
-    again = qn.to_bnb_state_dict(other)
+    again = qn.to_bnb_checkpoint(other)
     assert again.keys() == state_dict.keys()
     assert all(again[k].dtype == state_dict[k].dtype and again[k].tobytes() == state_dict[k].tobytes() for k in again)
 
@@ -97,10 +97,10 @@ def test_bnb_state_dict_uses_bitsandbytes_names_and_layout(saved):
 
 
 def test_bnb_checkpoint_runs_in_bitsandbytes():
-    torch = pytest.importorskip("torch")
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    import torch
     layer = qn.DenseNF4(K, 32, rngs=nnx.Rngs(3))
-    sd = {k: torch.from_numpy(np.array(v)) for k, v in qn.to_bnb_state_dict(layer).items()}
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in qn.to_bnb_checkpoint(layer).items()}
     ref = bnb.nn.LinearNF4(K, 32)
     weight = sd.pop("weight")
     ref.bias = torch.nn.Parameter(sd.pop("bias"))
@@ -117,17 +117,17 @@ def test_bnb_load_errors(saved):
     target = _quantized(1)
     missing = {k: v for k, v in sd.items() if k != "int8.SCB"}
     with pytest.raises(KeyError, match="int8.SCB"):
-        qn.load_bnb_state_dict(target, missing)
+        qn.from_bnb_checkpoint(target, missing)
     with pytest.raises(KeyError, match="stable.norm.weight"):
-        qn.load_bnb_state_dict(target, {k: v for k, v in sd.items() if k != "stable.norm.weight"})
+        qn.from_bnb_checkpoint(target, {k: v for k, v in sd.items() if k != "stable.norm.weight"})
     wrong_shape = dict(sd, **{"switchback.bias": np.zeros(K + 1, np.float32)})
     with pytest.raises(ValueError, match="switchback.bias"):
-        qn.load_bnb_state_dict(target, wrong_shape)
+        qn.from_bnb_checkpoint(target, wrong_shape)
     # An FP4 checkpoint does not load into NF4 layers (and the model is left untouched).
     before = _leaf_bytes(target)
-    fp4_sd = qn.to_bnb_state_dict(_quantized(2, quant_type="fp4"))
+    fp4_sd = qn.to_bnb_checkpoint(_quantized(2, quant_type="fp4"))
     with pytest.raises(ValueError, match="nf4"):
-        qn.load_bnb_state_dict(target, fp4_sd)
+        qn.from_bnb_checkpoint(target, fp4_sd)
     assert _leaf_bytes(target) == before
 
 
@@ -141,16 +141,15 @@ class SmallNet(nnx.Module):
 def test_bnb_state_dict_matches_the_linen_exporters():
     model = SmallNet(nnx.Rngs(4))
     variables = qn.to_linen_variables(model)
-    sd = qn.to_bnb_state_dict(model)
-    linen_sd = ql.to_bnb_4bit_state_dict(variables)
-    linen_sd.update(ql.to_bnb_state_dict_8bit({k: v["out"] for k, v in variables.items() if "out" in v}, "out."))
+    sd = qn.to_bnb_checkpoint(model)
+    linen_sd = ql.to_bnb_checkpoint(variables)
     assert sd.keys() == linen_sd.keys()
     for key, value in sd.items():
-        assert value.dtype == linen_sd[key].dtype and value.tobytes() == np.asarray(linen_sd[key]).tobytes(), key
+        assert value.dtype == linen_sd[key].dtype and value.tobytes() == linen_sd[key].tobytes(), key
     # And a Linen-side load of the NNX export gives back the same variables.
-    loaded = ql.load_bnb_4bit(sd)
-    other = qn.from_linen_variables(SmallNet(nnx.Rngs(5)), {
-        "params": {**loaded["params"], "out": {"bias": variables["params"]["out"]["bias"]}},
-        "quantized": {**loaded["quantized"], "out": variables["quantized"]["out"]},
-    })
+    loaded = ql.from_bnb_checkpoint(sd, variables)
+    other = qn.from_linen_variables(SmallNet(nnx.Rngs(5)), loaded)
     assert _leaf_bytes(other) == _leaf_bytes(model)
+    # Template-free, the Linen loader finds the 4-bit and the 8-bit layers by their keys.
+    quantized_only = ql.from_bnb_checkpoint(sd)
+    assert set(quantized_only["quantized"]) == {"embed", "fc", "out"} and set(quantized_only["params"]) == {"fc", "out"}

@@ -1,6 +1,4 @@
-"""Float NNX models -> quantized (quantize_model) and Linen variables <-> NNX state."""
-
-import functools
+"""Float NNX models -> quantized (quantize_model with QuantRules) and Linen variables <-> NNX state."""
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +37,8 @@ def test_quantize_model_replaces_layers_with_the_quantized_weights():
     bias = np.asarray(model.blocks[1].bias[...])
     table = np.asarray(model.embed.embedding[...])
     lora_b_before = np.asarray(model.adapter.lora_b[...])
-    out = qn.quantize_model(model, dense=qn.DenseNF4, embed=qn.Embed8bit, exclude=("head",))
+    rules = qn.QuantRules(qn.Rule("head", keep_float=True), qn.Rule("*", layers="embed", format="8bit"), qn.Rule())
+    out = qn.quantize_model(model, rules)
     assert out is model
     assert isinstance(model.blocks[0], qn.DenseNF4) and isinstance(model.blocks[1], qn.DenseNF4)
     assert isinstance(model.adapter.base_module, qn.DenseNF4)  # QLoRA: the base is quantized ...
@@ -62,18 +61,28 @@ def test_quantize_model_replaces_layers_with_the_quantized_weights():
     assert model(IDS).shape == (2, 3, 20)
 
 
-def test_quantize_model_options_and_callables():
+def test_default_rules_quantize_linear_layers_only():
+    model = qn.quantize_model(FloatLM(nnx.Rngs(0)))
+    assert isinstance(model.head, qn.DenseNF4) and isinstance(model.blocks[0], qn.DenseNF4)
+    assert isinstance(model.embed, nnx.Embed)
+
+
+def test_quantize_model_rule_settings():
     model = FloatLM(nnx.Rngs(0))
-    to_fp4 = functools.partial(qn.Dense4bit.from_linear, quant_type="fp4", blocksize=128, compress_statistics=False)
-    qn.quantize_model(model, dense=to_fp4, embed=qn.EmbedNF4, exclude=lambda path, _: path.startswith("blocks"))
-    assert isinstance(model.blocks[0], nnx.Linear)
+    rules = qn.QuantRules(
+        qn.Rule(lambda path: path.startswith("blocks"), keep_float=True),
+        qn.Rule("*", layers="dense", quant_type="fp4", blocksize=128, compress_statistics=False),
+        qn.Rule("*", layers="embed"),
+    )
+    qn.quantize_model(model, rules)
+    assert isinstance(model.blocks[0], nnx.Linear) and isinstance(model.head, qn.DenseFP4)
     weight = model.head.weight.get_value()
     assert (weight.quant_type, weight.blocksize, weight.nested, weight.shape) == ("fp4", 128, False, (20, K))
-    assert model.embed.weight.get_value().quant_type == "nf4"
-    int8 = qn.quantize_model(FloatLM(nnx.Rngs(0)), dense=qn.Dense8bitLt, embed=None)
-    assert isinstance(int8.head, qn.Dense8bitLt) and isinstance(int8.embed, nnx.Embed)
-    # A model that is itself one Linear comes back converted.
-    single = qn.quantize_model(nnx.Linear(K, 8, rngs=nnx.Rngs(0)), dense=qn.DenseFP4)
+    assert isinstance(model.embed, qn.EmbedNF4) and not model.embed.weight.get_value().nested
+    int8 = qn.quantize_model(FloatLM(nnx.Rngs(0)), qn.Rule("*", layers="dense", format="8bit", threshold=6.0))
+    assert isinstance(int8.head, qn.Dense8bitLt) and int8.head.threshold == 6.0 and isinstance(int8.embed, nnx.Embed)
+    # A model that is itself one Linear (path "") comes back converted.
+    single = qn.quantize_model(nnx.Linear(K, 8, rngs=nnx.Rngs(0)), qn.Rule(quant_type="fp4"))
     assert isinstance(single, qn.DenseFP4)
 
 
@@ -85,12 +94,19 @@ def test_quantize_model_progress_bar(capsys):
 
 
 def test_quantize_model_bad_arguments():
-    with pytest.raises(TypeError, match="dense"):
-        qn.quantize_model(FloatLM(nnx.Rngs(0)), dense=nnx.Linear)
-    with pytest.raises(TypeError, match="embed"):
-        qn.quantize_model(FloatLM(nnx.Rngs(0)), embed=3)
-    with pytest.raises(TypeError, match="exclude"):
-        qn.quantize_model(FloatLM(nnx.Rngs(0)), exclude="head")
+    with pytest.raises(TypeError, match="rules must be"):
+        qn.quantize_model(FloatLM(nnx.Rngs(0)), "nf4")
+    with pytest.raises(TypeError, match="QuantRules takes Rule objects"):
+        qn.QuantRules("head")
+    with pytest.raises(ValueError, match="Rule layers must be one of"):
+        qn.Rule(layers="conv")
+    with pytest.raises(ValueError, match="Rule format must be one of"):
+        qn.Rule(format="int4")
+    with pytest.raises(ValueError, match="Rule threshold must be a finite number >= 0"):
+        qn.Rule(threshold=-1.0)
+    with pytest.raises(TypeError, match="either rules or the deprecated"):
+        with pytest.warns(DeprecationWarning):
+            qn.quantize_model(FloatLM(nnx.Rngs(0)), qn.Rule(), dense=qn.DenseNF4)
 
 
 def _linen_net():

@@ -66,7 +66,7 @@ def test_outlier_aware_output_error_is_smaller_than_plain_int8():
     fc1_vars = {k: quantized[k]["fc1"] for k in ("params", "outliers", "quantized")}
     err_aware = np.abs(np.asarray(fc1.apply(fc1_vars, x)) - exact).mean()
     plain = qnn.Dense8bitLt(128, threshold=0.0)
-    plain_vars = qnn.quantize_params_8bit(variables["params"]["fc1"])
+    plain_vars = qnn.quantize_params(variables["params"]["fc1"], qnn.Rule(format="8bit"))
     err_plain = np.abs(np.asarray(plain.apply(plain_vars, x)) - exact).mean()
     assert err_aware < err_plain / 4
 

@@ -69,7 +69,7 @@ def test_qlora_training_reduces_loss_tenfold_and_leaves_packed_weights_bit_ident
 def test_readme_recipe_adds_fresh_adapters_to_converted_weights():
     from flax import traverse_util as tu
 
-    from qflax.linen import DenseNF4, quantize_params_4bit
+    from qflax.linen import DenseNF4, quantize_params
 
     class Net(nn.Module):
         dense: type = nn.Dense
@@ -79,7 +79,7 @@ def test_readme_recipe_adds_fresh_adapters_to_converted_weights():
             return self.dense(8, name="out")(nn.relu(self.dense(64, name="hidden")(x)))
 
     x = jax.random.normal(jax.random.key(0), (4, 32))
-    loaded = quantize_params_4bit(jax.jit(Net().init)(jax.random.key(1), x)["params"])
+    loaded = quantize_params(jax.jit(Net().init)(jax.random.key(1), x)["params"])
     lora_model = Net(dense=lambda features, name: LoRADense4bit(features, lora_rank=4, name=name))
     fresh = jax.jit(lora_model.init)(jax.random.key(2), x)
     params = tu.unflatten_dict({**tu.flatten_dict(fresh["params"]), **tu.flatten_dict(loaded["params"])})

@@ -22,6 +22,8 @@ from qflax import nnx as qnnx
 from qflax import ops
 from qflax import sharding as qs
 
+# Every Dense kernel to LLM.int8 rows (the default rules quantize them to NF4).
+INT8 = qnn.Rule("*", layers="dense", format="8bit")
 M, K, H = 4, 256, 256  # x (M, K) -> up (K -> H), column-parallel -> down (H -> K), row-parallel
 
 
@@ -79,8 +81,8 @@ def test_linen_tensor_parallel_nf4_and_int8_from_annotations(mesh):
     rules = qs.rules_from_annotations(annotated)
     float_params = nn.meta.unbox(annotated)
     x = x_data()
-    for dense, variables in ((qnn.DenseNF4, qs.to_row_view(qnn.quantize_params_4bit(float_params))),
-                             (qnn.Dense8bitLt, qnn.quantize_params_8bit(float_params))):
+    for dense, variables in ((qnn.DenseNF4, qs.to_row_view(qnn.quantize_params(float_params))),
+                             (qnn.Dense8bitLt, qnn.quantize_params(float_params, INT8))):
         apply = jax.jit(QuantMLP(dense).apply)
         want = apply(variables, x)
         shardings = qs.quantized_shardings(variables, rules, mesh)
@@ -102,11 +104,11 @@ class NNXMLP(nnx.Module):
         return self.down(jax.nn.relu(self.up(x)))
 
 
-@pytest.mark.parametrize("dense", [qnnx.DenseNF4, qnnx.Dense8bitLt], ids=["nf4", "int8"])
-def test_nnx_tensor_parallel_from_annotations(mesh, dense):
+@pytest.mark.parametrize("rule", [qnnx.Rule("*", layers="dense"), INT8], ids=["nf4", "int8"])
+def test_nnx_tensor_parallel_from_annotations(mesh, rule):
     with jax.set_mesh(mesh):
         annotated, model = NNXMLP(nnx.Rngs(0)), NNXMLP(nnx.Rngs(0))
-    graphdef, state = nnx.split(qnnx.quantize_model(model, dense=dense))
+    graphdef, state = nnx.split(qnnx.quantize_model(model, rule))
     state = jax.device_get(qs.to_row_view(state))
 
     @jax.jit
@@ -117,12 +119,14 @@ def test_nnx_tensor_parallel_from_annotations(mesh, dense):
     want = apply(state, x)
     placed = jax.device_put(state, qs.quantized_shardings(state, annotated, mesh))
     up = placed["up"]["weight"].get_value()
-    assert (up.codes if dense is qnnx.Dense8bitLt else up.packed).sharding.spec == P("tp")
+    int8 = rule is INT8
+    assert isinstance(model.up, qnnx.Dense8bitLt if int8 else qnnx.DenseNF4)
+    assert (up.codes if int8 else up.packed).sharding.spec == P("tp")
     x_placed = jax.device_put(x, NamedSharding(mesh, P("dp")))
     compiled = apply.lower(placed, x_placed).compile()
     close(compiled(placed, x_placed), want)
     assert gathers(compiled) == []
-    check_reductions(compiled, int8=dense is qnnx.Dense8bitLt)
+    check_reductions(compiled, int8=int8)
 
 
 class LoRAMLP(nn.Module):
@@ -178,8 +182,8 @@ def test_qlora_step_with_sharded_nf4_base_matches_one_device(mesh, adapters):
 
 def test_shard_map_helpers_match_one_device(mesh):
     float_params = nn.meta.unbox(FloatMLP().init(jax.random.key(0), x_data())["params"])
-    nf4 = qs.to_row_view(qnn.quantize_params_4bit(float_params))["quantized"]
-    int8 = qnn.quantize_params_8bit(float_params)["quantized"]
+    nf4 = qs.to_row_view(qnn.quantize_params(float_params))["quantized"]
+    int8 = qnn.quantize_params(float_params, INT8)["quantized"]
     bias, out_bias = float_params["up"]["bias"], float_params["down"]["bias"]
     rules = [("up/weight", P("tp", None)), ("down/weight", P(None, "tp"))]
     x, ids = x_data(), jnp.array([[0, 3, 255], [9, 128, 256]])

@@ -171,6 +171,6 @@ def test_rules_from_nnx_annotations_transpose_kernels(mesh):
 
     with jax.set_mesh(mesh):
         annotated, model = Model(nnx.Rngs(0)), Model(nnx.Rngs(0))
-    quantized = qnnx.quantize_model(model, dense=qnnx.DenseNF4)  # in place: `annotated` keeps its float kernel
+    quantized = qnnx.quantize_model(model, qnnx.Rule("*", layers="dense"))  # NF4, in place: `annotated` keeps its float kernel
     specs = qs.quantized_partition_specs(nnx.state(quantized), annotated, mesh)
     assert specs["up"]["weight"].get_value().packed == P("tp")

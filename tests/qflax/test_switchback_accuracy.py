@@ -1,4 +1,4 @@
-"""SwitchBack layers vs float Dense, measured against an LLM.int8 reference (SPEC §12, test_triton).
+"""SwitchBack layers vs float Dense, measured against an LLM.int8 reference (docs/switchback.md#accuracy, test_triton).
 
 Setup as bitsandbytes' test_switchback: Dense(83 -> 332), batch 13, loss ``2^10 * mean|out|``.
 For each variant, the mean absolute errors (vs a float ``flax.linen.Dense`` in the same dtype)
@@ -6,7 +6,7 @@ of the output, the input gradient, the weight gradient and the bias gradient mus
 2x the errors of the LLM.int8 reference on the same data:
 
 * output, input gradient, bias gradient: bitsandbytes 0.49.2 ``Linear8bitLt`` on CPU in eval
-  mode with ``has_fp16_weights=False`` (its int8 path, SPEC §4.3);
+  mode with ``has_fp16_weights=False`` (its int8 path, docs/int8.md#matmul);
 * weight gradient (that module has none): an independent numpy LLM.int8 computation of
   ``G^T X`` from column-wise int8 ``G`` and ``X`` (int8_double_quant's column halves), with
   ``G`` the gradient of the same loss at the reference's own output.
@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qflax.linen import SwitchBackDense, SwitchBackDenseBnb
+import bitsandbytes as bnb
+import torch
 
-torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
+from qflax.linen import SwitchBackDense, SwitchBackDenseBnb
 
 IN_FEATURES, OUT_FEATURES, BATCH = 83, 332, 13
 DTYPES = {"float16": (jnp.float16, torch.float16), "bfloat16": (jnp.bfloat16, torch.bfloat16), "float32": (jnp.float32, torch.float32)}
@@ -134,7 +134,8 @@ def test_bnb_variant_forward_and_input_grad_match_linear8bitlt(threshold):
     """SwitchBackDenseBnb's forward and grad_x are bitsandbytes' LLM.int8 ones (fp16, fixed cotangent).
 
     With outlier columns, bitsandbytes multiplies them with the int8-dequantized weight columns
-    while we use the float ones (SPEC §6.5 intends the fp16 weight): the expected output adds
+    while we use the float ones (the intended fp16 weight, docs/switchback.md#switchbacklinearbnb): the expected
+    output adds
     that difference, ``x[:, idx] @ (W - dequant(CB))[:, idx].T``, to bitsandbytes' output.
     """
     rng = np.random.default_rng(3)

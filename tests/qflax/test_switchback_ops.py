@@ -1,4 +1,4 @@
-"""qflax.ops SwitchBack matmuls vs independent numpy formulas of SPEC §7.2's table and §6.5."""
+"""qflax.ops SwitchBack matmuls vs independent numpy formulas of docs/switchback.md (variants, SwitchBackLinearBnb)."""
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ def _colq(a):
 
 
 def numpy_reference(variant, x, w, b, g, threshold=0.0):
-    """(out, grad_x, grad_w, grad_b) of x @ w.T + b under cotangent g, from SPEC's formulas."""
+    """(out, grad_x, grad_w, grad_b) of x @ w.T + b under cotangent g, from docs/switchback.md's formulas."""
     xq, sx = _rowq(x)
     gq, sg = _rowq(g)
     grad_w = g.T @ x
@@ -45,7 +45,7 @@ def numpy_reference(variant, x, w, b, g, threshold=0.0):
         wcq, scol = _colq(w)
         grad_x = (gq @ wcq) * sg[:, None] * scol[None, :] / 127**2
     elif variant == "bnb":
-        # SPEC §3.5: outlier elements leave the row absmax; with several rows whole outlier columns
+        # docs/int8.md#quantization: outlier elements leave the row absmax; with several rows whole outlier columns
         # are zeroed in the codes. Those columns then go through the float weight.
         is_outlier = np.abs(x) >= threshold if threshold > 0 else np.zeros(x.shape, bool)
         cols = np.any(is_outlier, axis=0)
@@ -103,7 +103,8 @@ def test_bnb_outlier_columns_go_through_float_weight(threshold):
 
 
 def test_bnb_threshold_single_row_outlier():
-    # One row: only the outlier element itself leaves the int8 path (SPEC §3.5), through the float weight.
+    # One row: only the outlier element itself leaves the int8 path (docs/int8.md#quantization), through the float
+    # weight.
     x, w, b, _ = _data(seed=2, lead=(1,))
     out = ops.switchback_bnb_matmul(x, w, b, threshold=4.0)
     want = numpy_reference("bnb", *(np.asarray(a, np.float64) for a in (x, w, b, jnp.ones((1, N)))), threshold=4.0)

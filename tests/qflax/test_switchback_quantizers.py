@@ -1,4 +1,4 @@
-"""qflax.quant.switchback quantizers vs hand-computed codes (SPEC §7.1; all-zero rows give scale 0, codes 0)."""
+"""qflax.quant.switchback quantizers vs hand-computed codes (docs/switchback.md; zero rows: scale 0, codes 0)."""
 
 import jax.numpy as jnp
 import numpy as np

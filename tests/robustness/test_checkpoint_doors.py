@@ -13,7 +13,7 @@ import torch_compat as bnb
 from flax import nnx
 from qflax import bnb_format, quant
 from qflax import nnx as qnnx
-from qflax.linen import from_bnb_state_dict_8bit, load_bnb_4bit
+from qflax.linen import from_bnb_checkpoint
 from tests.robustness.tampering import CASES_4BIT, CASES_INT8, IN, OUT, good_4bit, good_int8
 
 
@@ -29,17 +29,17 @@ def _bnb_format(sd):
     return bnb_format.from_bnb_state_dict(sd)
 
 
-def _load_bnb_4bit(sd):
-    return load_bnb_4bit(sd)["quantized"]["weight"]
+def _linen(sd):
+    return from_bnb_checkpoint(sd)["quantized"]["weight"]
 
 
 def _nnx(sd):
     model = qnnx.DenseNF4(IN, OUT, compress_statistics="weight.nested_absmax" in sd, rngs=nnx.Rngs(0))
-    before = qnnx.to_bnb_state_dict(model)
+    before = qnnx.to_bnb_checkpoint(model)
     try:
-        qnnx.load_bnb_state_dict(model, sd)
+        qnnx.from_bnb_checkpoint(model, sd)
     except Exception:
-        after = qnnx.to_bnb_state_dict(model)
+        after = qnnx.to_bnb_checkpoint(model)
         assert all(np.array_equal(before[k], after[k]) for k in before), "a failed load changed the model"
         raise
     return model.weight.get_value()
@@ -72,8 +72,8 @@ def _from_prequantized(sd):
 
 DOORS_4BIT = {
     "bnb_format.from_bnb_state_dict": _bnb_format,
-    "linen.load_bnb_4bit": _load_bnb_4bit,
-    "nnx.load_bnb_state_dict": _nnx,
+    "linen.from_bnb_checkpoint": _linen,
+    "nnx.from_bnb_checkpoint": _nnx,
     "torch_compat.load_state_dict": _torch_module,
     "QuantState.from_dict": _from_dict,
     "Params4bit.from_prequantized": _from_prequantized,
@@ -104,18 +104,18 @@ def test_tampered_4bit_checkpoint_raises(door, case):
         name == "quant state missing"
     ):
         exc, key = ValueError, "found neither"  # bitsandbytes' own message
-    if door == "linen.load_bnb_4bit" and name == "quant state missing":
+    if door == "linen.from_bnb_checkpoint" and name == "quant state missing":
         exc = ValueError  # "no 4-bit weights in the checkpoint: expected keys like ...quant_state..."
     if door == "torch_compat.load_state_dict" and name == "packed missing":
         exc = RuntimeError  # torch's load_state_dict error, naming the key
-    if door in ("nnx.load_bnb_state_dict",) and name == "blocksize 128":
+    if door in ("nnx.from_bnb_checkpoint",) and name == "blocksize 128":
         exc = ValueError
     with pytest.raises(exc) as info:
         DOORS_4BIT[door](sd)
     assert key in str(info.value), f"{door}: {info.value!r} does not name {key!r}"
 
 
-@pytest.mark.parametrize("door", ["linen.load_bnb_4bit", "nnx.load_bnb_state_dict", "torch_compat.load_state_dict"])
+@pytest.mark.parametrize("door", ["linen.from_bnb_checkpoint", "nnx.from_bnb_checkpoint", "torch_compat.load_state_dict"])
 def test_bias_of_wrong_length_or_dtype_is_refused(door):
     biases = [np.zeros(OUT + 1, np.float32)]
     if door != "torch_compat.load_state_dict":  # torch's load_state_dict casts a bias' dtype, as for any parameter
@@ -137,15 +137,15 @@ def test_target_settings_must_match(nested):
                   qnnx.DenseNF4(IN, OUT, compress_statistics=not nested, rngs=nnx.Rngs(0)),
                   qnnx.DenseNF4(IN, OUT, blocksize=128, compress_statistics=nested, rngs=nnx.Rngs(0))):
         with pytest.raises(ValueError, match="weight"):
-            qnnx.load_bnb_state_dict(model, sd)
+            qnnx.from_bnb_checkpoint(model, sd)
 
 
 def test_rename_collision_is_refused():
     sd = {f"a.{k}": v for k, v in good_4bit(False).items()}
     sd.update({f"b.{k}": v for k, v in good_4bit(True).items()})
     with pytest.raises(ValueError, match="rename maps both 'a.weight' and 'b.weight'"):
-        load_bnb_4bit(sd, rename=lambda name: "layer")
-    assert set(load_bnb_4bit(sd)["quantized"]) == {"a", "b"}
+        from_bnb_checkpoint(sd, rename=lambda name: "layer")
+    assert set(from_bnb_checkpoint(sd)["quantized"]) == {"a", "b"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,16 +157,16 @@ def _int8_bnb_format(sd):
 
 
 def _int8_linen(sd):
-    return from_bnb_state_dict_8bit(sd)["quantized"]["weight"]
+    return from_bnb_checkpoint(sd)["quantized"]["weight"]
 
 
 def _int8_nnx(sd):
     model = qnnx.Dense8bitLt(IN, OUT, rngs=nnx.Rngs(0))
-    before = qnnx.to_bnb_state_dict(model)
+    before = qnnx.to_bnb_checkpoint(model)
     try:
-        qnnx.load_bnb_state_dict(model, sd)
+        qnnx.from_bnb_checkpoint(model, sd)
     except Exception:
-        after = qnnx.to_bnb_state_dict(model)
+        after = qnnx.to_bnb_checkpoint(model)
         assert all(np.array_equal(before[k], after[k]) for k in before)
         raise
     return model.weight.get_value()
@@ -186,8 +186,8 @@ def _int8_torch(sd):
 
 DOORS_INT8 = {
     "bnb_format.from_bnb_int8_state_dict": _int8_bnb_format,
-    "linen.from_bnb_state_dict_8bit": _int8_linen,
-    "nnx.load_bnb_state_dict": _int8_nnx,
+    "linen.from_bnb_checkpoint": _int8_linen,
+    "nnx.from_bnb_checkpoint": _int8_nnx,
     "torch_compat.load_state_dict": _int8_torch,
 }
 
@@ -205,7 +205,7 @@ def test_good_int8_checkpoint_loads_exactly(door):
 def test_tampered_int8_checkpoint_raises(door, case):
     name, edit, exc, key = case
     sd = edit(good_int8())
-    if door == "linen.from_bnb_state_dict_8bit" and name == "int8 weight without SCB":
+    if door == "linen.from_bnb_checkpoint" and name == "int8 weight without SCB":
         key = "SCB"
     with pytest.raises(exc) as info:
         DOORS_INT8[door](sd)

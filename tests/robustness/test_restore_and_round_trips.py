@@ -8,7 +8,7 @@ import torch_compat as bnb
 from flax import nnx
 from qflax.checkpoint_checks import dtype_name
 from qflax import nnx as qnnx
-from qflax.linen import load_bnb_4bit, to_bnb_4bit_state_dict
+from qflax.linen import from_bnb_checkpoint, to_bnb_checkpoint
 from tests.robustness.tampering import IN, OUT, good_4bit
 
 pytest.importorskip("orbax.checkpoint")
@@ -35,10 +35,10 @@ def test_restore_into_other_quantization_settings_raises_and_changes_nothing(tmp
     )
     qnnx.save_checkpoint(str(tmp_path / "ck"), make(saved))
     model = make(target)
-    before = qnnx.to_bnb_state_dict(model)
+    before = qnnx.to_bnb_checkpoint(model)
     with pytest.raises(ValueError, match="weight"):
         qnnx.restore_checkpoint(str(tmp_path / "ck"), model)
-    after = qnnx.to_bnb_state_dict(model)
+    after = qnnx.to_bnb_checkpoint(model)
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
 
 
@@ -46,7 +46,7 @@ def test_restore_into_the_same_settings_is_byte_identical(tmp_path):
     source = qnnx.DenseNF4.from_linear(_linear())
     qnnx.save_checkpoint(str(tmp_path / "ck"), source)
     model = qnnx.restore_checkpoint(str(tmp_path / "ck"), qnnx.DenseNF4.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(9))))
-    a, b = qnnx.to_bnb_state_dict(source), qnnx.to_bnb_state_dict(model)
+    a, b = qnnx.to_bnb_checkpoint(source), qnnx.to_bnb_checkpoint(model)
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -56,11 +56,11 @@ def _as_torch(sd):
 
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_load_bnb_4bit_round_trip_keeps_bytes_dtypes_and_shapes(storage, bias_dtype):
+def test_linen_bnb_checkpoint_round_trip_keeps_bytes_dtypes_and_shapes(storage, bias_dtype):
     layer = bnb.nn.LinearNF4(IN, OUT, quant_storage=storage).to("cpu")
     layer.bias.data = layer.bias.data.to(bias_dtype)
     sd = {f"fc.{k}": v for k, v in layer.state_dict().items()}
-    back = to_bnb_4bit_state_dict(load_bnb_4bit(sd))
+    back = to_bnb_checkpoint(from_bnb_checkpoint(sd))
     assert back.keys() == sd.keys()
     for key, value in sd.items():
         got = back[key]

@@ -1,4 +1,4 @@
-"""Bad input: clear exceptions, with bitsandbytes' exception types where SPEC names one."""
+"""Bad input: clear exceptions, with bitsandbytes' exception types where docs/deviations.md#errors keeps them."""
 
 import pytest
 import torch
@@ -75,7 +75,7 @@ def test_quantize_bad_dtype_and_blocksize():
 
 
 def test_unquantized_embedding8bit_raises_the_intended_error():
-    """Fixed: bitsandbytes meant RuntimeError but raises AttributeError (SPEC §6.9)."""
+    """Fixed: bitsandbytes meant RuntimeError but raises AttributeError (docs/embeddings.md#embedding8bit)."""
     with pytest.raises(RuntimeError, match="not quantized"):
         bnb.nn.Embedding8bit(10, 8)(torch.tensor([1]))
 

@@ -33,7 +33,7 @@ def test_4bit_state_dict_keys_dtypes_shapes_and_bytes(bnb_ref, gen, compress):
         same.append(json_key)  # byte-identical packed JSON
     else:
         # Nested: same uint8 absmax codes and nested absmax; bitsandbytes' CPU run wrote -1.0 into entry 0 of its
-        # dynamic map (SPEC §1.4) and its offset may differ in the last float32 bit (README).
+        # dynamic map (docs/blockwise.md#dynamic-map) and its offset may differ in the last float32 bit (README).
         same.append("weight.nested_absmax")
         torch.testing.assert_close(sd["weight.nested_quant_map"][1:], sd_ref["weight.nested_quant_map"][1:],
                                    atol=0, rtol=0)
@@ -61,7 +61,7 @@ def test_4bit_checkpoint_bnb_to_ours_fresh_module(bnb_ref, gen, quant_type, comp
 
 
 def test_4bit_checkpoint_into_used_module_updates_quant_state(bnb_ref, gen):
-    """bitsandbytes copies only the bytes here and keeps the stale quant state (SPEC §6.1); we load both."""
+    """bitsandbytes copies only the bytes here and keeps the stale quant state (docs/state_dict.md); we load both."""
     ref, ours = _quantized_pair(bnb_ref, bnb_ref.nn.LinearNF4, tc.nn.LinearNF4, gen)
     other, _ = _quantized_pair(bnb_ref, bnb_ref.nn.LinearNF4, tc.nn.LinearNF4, gen)
     x = torch.randn(2, 128, generator=gen)
@@ -106,7 +106,7 @@ def test_int8_checkpoint_both_ways(bnb_ref, gen, threshold):
     # quantized in fp32 by qflax); tolerances are a few fp16 ulps
     x = torch.randn(4, 128, generator=gen).half()
     ref.eval()
-    # bitsandbytes -> fresh torch_compat module (bitsandbytes itself raises RuntimeError here, SPEC §6.3)
+    # bitsandbytes -> fresh torch_compat module (bitsandbytes itself raises RuntimeError here, docs/state_dict.md)
     fresh = tc.nn.Linear8bitLt(128, 40, has_fp16_weights=False, threshold=threshold)
     fresh.load_state_dict(sd_ref)
     torch.testing.assert_close(fresh(x), ref(x), atol=2e-2, rtol=2e-3)
@@ -128,7 +128,7 @@ def test_int8_state_dict_before_quantization_is_float(gen):
 
 
 def test_embedding_4bit_and_8bit_save_and_load(gen):
-    """Fixed: bitsandbytes raises NotImplementedError from state_dict() of both (SPEC §6.9, §6.10)."""
+    """Fixed: bitsandbytes raises NotImplementedError from state_dict() of both (docs/embeddings.md)."""
     ids = torch.tensor([[0, 5, 9]])
     for cls in (tc.nn.EmbeddingNF4, tc.nn.Embedding8bit):
         src = cls(10, 64).to("cpu")
@@ -216,7 +216,7 @@ def _saved_size(state_dict) -> int:
 @pytest.mark.parametrize("quant_storage", [torch.uint8, torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_serialization_roundtrip_and_size(gen, quant_storage, quant_type):
-    """SPEC §12 test_linear4bit serialization: 300 -> 400 layer, reload via from_prequantized, file < 29 %."""
+    """bitsandbytes' test_linear4bit serialization (docs/state_dict.md): 300 -> 400, from_prequantized, file < 29 %."""
     linear = torch.nn.Linear(300, 400, dtype=torch.float16)
     layer = tc.nn.Linear4bit(300, 400, quant_type=quant_type, quant_storage=quant_storage, device="meta")
     layer.weight = tc.nn.Params4bit(data=linear.weight.data, quant_type=quant_type, quant_storage=quant_storage,

@@ -89,7 +89,8 @@ def test_blockwise_matches_bnb_and_never_mutates_the_map(bnb_ref, gen):
     q, s = F.quantize_blockwise(A, code=code, blocksize=256)
     assert torch.equal(code, before)
     q_ref, s_ref = bnb_ref.functional.quantize_blockwise(A, blocksize=256)
-    # bitsandbytes' CPU map has -1.0 in entry 0 after this call (SPEC §1.4); codes only differ at the extreme
+    # bitsandbytes' CPU map has -1.0 in entry 0 after this call (docs/blockwise.md#dynamic-map); codes only differ
+    # at the extreme
     assert (q.int() - q_ref.int()).abs().max() <= 1 and (q != q_ref).float().mean() < 1e-3
     torch.testing.assert_close(s.absmax, s_ref.absmax, atol=0, rtol=0)
     torch.testing.assert_close(F.dequantize_blockwise(q, s), bnb_ref.functional.dequantize_blockwise(q_ref, s_ref),

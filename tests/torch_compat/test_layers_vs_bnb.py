@@ -39,7 +39,7 @@ def test_linear4bit_matches_bnb_in_train_mode(bnb_ref, gen, quant_type, compress
         w, b,
     )
     if quant_type == "fp4":
-        # bitsandbytes' CPU FP4 quantizer uses a 4-decimal table (SPEC §1.3) and picks other codes for
+        # bitsandbytes' CPU FP4 quantizer uses a 4-decimal table (docs/fourbit.md#rounding) and picks other codes for
         # ~0.4 % of values; compare the matmul on bitsandbytes' own packed weight (loaded from its state dict).
         ours.load_state_dict(ref.state_dict())
     else:
@@ -92,7 +92,7 @@ def test_linear8bitlt_matches_bnb_int8_path(bnb_ref, gen, threshold):
     if threshold:
         assert torch.equal(ours.state.idx, ref.state.idx)
     assert ours.state.CB is not None and ours.weight.dtype == torch.int8
-    ref.bias.data = b.clone()  # bitsandbytes re-typed its bias to fp16 in place (SPEC §10.3 #1); ours did not
+    ref.bias.data = b.clone()  # bitsandbytes re-typed its bias to fp16 in place (docs/deviations.md); ours did not
     # fp32 input: qflax quantizes the activations in fp32, bitsandbytes from an fp16 copy (README);
     # both are LLM.int8 approximations of the float product with errors of the same size
     with pytest.warns(UserWarning):  # bitsandbytes: "inputs will be cast from torch.float32 to float16"
@@ -105,7 +105,7 @@ def test_linear8bitlt_matches_bnb_int8_path(bnb_ref, gen, threshold):
 
 
 def test_linear8bitlt_fp16_weights_true_gradient(gen):
-    """has_fp16_weights=True: the weight gradient is the exact G^T X (bitsandbytes' CUDA path is wrong, §4.3)."""
+    """has_fp16_weights=True: the weight gradient is the exact G^T X (bitsandbytes' is wrong, docs/int8.md#gradients)."""
     layer = tc.nn.Linear8bitLt(64, 16, has_fp16_weights=True).to("cpu")
     assert layer.weight.dtype == torch.float32 and layer.weight.requires_grad
     x = torch.randn(12, 64, generator=gen)
@@ -132,10 +132,11 @@ def test_embedding4bit_matches_bnb(bnb_ref, gen, quant_type, dim):
     ids = torch.randint(0, 30, (3, 5), generator=gen)
     if quant_type == "nf4":
         assert torch.equal(ours.weight.data, ref.weight.data)
-    else:  # CPU FP4 codes differ (SPEC §1.3): use bitsandbytes' packed weight
+    else:  # CPU FP4 codes differ (docs/fourbit.md#rounding): use bitsandbytes' packed weight
         stats = ref.weight.quant_state.as_dict(packed=True)
         ours.weight = tc.nn.Params4bit.from_prequantized(ref.weight.data, stats, device="cpu", module=ours)
-    # dim 65 FP4: bitsandbytes dequantizes with its 4-decimal FP4 table (SPEC §3.2), qflax with the exact one.
+    # dim 65 FP4: bitsandbytes dequantizes with its 4-decimal FP4 table (docs/deviations.md#cpu-decoder), qflax with
+    # the exact one.
     tol = dict(atol=1e-6, rtol=1e-6) if quant_type == "nf4" or dim == 64 else dict(atol=1e-3, rtol=2e-3)
     torch.testing.assert_close(ours(ids), ref(ids), **tol)
 

@@ -1,4 +1,5 @@
-"""SPEC §12 behaviours of the 18 names (the fixed ones tested as fixed), §9 device moves, §10 warnings."""
+"""What bitsandbytes' own tests check of the 18 names (the fixed ones tested as fixed), device moves
+(docs/torch_compat.md#device-movement) and warnings (docs/deviations.md#warnings)."""
 
 import functools
 import warnings
@@ -45,7 +46,7 @@ def test_linear8bitlt_int8_under_moves_and_half(threshold, gen):
 
 
 def test_bias_dtype_is_never_retyped(gen):
-    """Fixed: bitsandbytes re-types the bias to the input dtype at forward (SPEC §10.3 #1)."""
+    """Fixed: bitsandbytes re-types the bias to the input dtype at forward (docs/deviations.md#quirks: the bias)."""
     for layer in (bnb.nn.Linear8bitLt(32, 64, has_fp16_weights=False).to("cpu"), bnb.nn.LinearNF4(32, 64).to("cpu")):
         assert layer.weight.dtype in (torch.int8, torch.uint8) and layer.bias.dtype == torch.float32
         with warnings.catch_warnings():
@@ -105,7 +106,7 @@ def test_embeddings_reproduce_ones_exactly(cls, dim, ids_shape, gen):
 
 
 def test_linear4bit_fp16_warnings_once_per_layer_no_global_filter(gen):
-    """Fixed: bitsandbytes installs process-wide ignore filters after the first warning (SPEC §10.2)."""
+    """Fixed: bitsandbytes installs process-wide ignore filters after its first warning (docs/deviations.md)."""
     layers = [bnb.nn.Linear4bit(64, 64, quant_type="nf4").to("cpu") for _ in range(3)]
     with pytest.warns(UserWarning, match="inference or training") as multi:
         layers[0](torch.randn(10, 64, generator=gen).half())
@@ -173,7 +174,7 @@ def test_embedding_and_stable_embedding(gen):
 
 
 def test_outlier_aware_linear_calls_forward_with_outliers(gen):
-    """Fixed: bitsandbytes' forward returns None (SPEC §8.1)."""
+    """Fixed: bitsandbytes' forward returns None (docs/int8.md#outlier-aware)."""
     class Clipped(bnb.nn.OutlierAwareLinear):
         def quantize_weight(self, w, outlier_idx):
             return w.clamp(-0.1, 0.1)

@@ -2,7 +2,7 @@
 
 bitsandbytes 0.49.2 cannot run these on this machine (SwitchBackLinear needs Triton on a GPU and
 its kernels fail to compile on Triton 3.x; SwitchBackLinearBnb's forward raises
-AttributeError), so the references are independent torch formulas of the intended maths (SPEC §7, §6.5).
+AttributeError), so the references are independent torch formulas of the intended maths (docs/switchback.md).
 """
 
 import pytest

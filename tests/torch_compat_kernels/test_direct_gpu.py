@@ -14,7 +14,8 @@ import torch_compat as tc
 from tests.torch_compat_kernels import paths
 from torch_compat import direct_path
 
-pytestmark = pytest.mark.gpu
+# backend("auto"): what auto dispatch picks on CUDA is under test (a gpu test is pinned to triton otherwise).
+pytestmark = [pytest.mark.gpu, pytest.mark.backend("auto")]
 
 OP4, OP8 = direct_path.LINEAR_4BIT, direct_path.LINEAR_8BIT
 N, K = 1000, 768  # N is no multiple of any tile

@@ -1,4 +1,4 @@
-"""State-dict saving and loading for the 4-bit and 8-bit modules, in bitsandbytes' exact format (SPEC §6.2, §6.3).
+"""State-dict saving and loading for the 4-bit and 8-bit modules, in bitsandbytes' exact format (docs/state_dict.md).
 
 Two mixins, placed before the torch base class. Unlike bitsandbytes 0.49.2,
 ``load_state_dict`` of a quantized checkpoint works whether the module is fresh (not yet

@@ -1,4 +1,4 @@
-"""Embedding, StableEmbedding, Embedding8bit, Embedding4bit/FP4/NF4 (SPEC §6.6–§6.10).
+"""Embedding, StableEmbedding, Embedding8bit, Embedding4bit/FP4/NF4 (docs/embeddings.md).
 
 ``Embedding`` and ``StableEmbedding`` hold float tables and look them up with torch (there
 is nothing to quantize); the 8-bit and 4-bit tables are gathered and dequantized by qflax

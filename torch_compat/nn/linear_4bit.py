@@ -1,4 +1,4 @@
-"""``Linear4bit`` (QLoRA), ``LinearFP4``, ``LinearNF4`` (SPEC §6.1), computed by qflax's matmul_4bit in JAX."""
+"""``Linear4bit`` (QLoRA), ``LinearFP4``, ``LinearNF4`` (docs/fourbit.md#linear4bit), run by qflax's matmul_4bit."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""``Linear8bitLt`` (LLM.int8, SPEC §6.3), computed by qflax's matmul_8bit ops in JAX."""
+"""``Linear8bitLt`` (LLM.int8, docs/int8.md#linear8bitlt), computed by qflax's matmul_8bit ops in JAX."""
 
 import torch
 from torch import nn

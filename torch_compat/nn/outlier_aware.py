@@ -1,4 +1,4 @@
-"""``OutlierAwareLinear`` (SPEC §8.1): a base class whose subclasses quantize weights around outlier dimensions."""
+"""``OutlierAwareLinear`` (docs/int8.md#outlier-aware): a base class; subclasses quantize around outlier dimensions."""
 
 import torch
 from torch import nn

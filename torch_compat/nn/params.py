@@ -1,4 +1,6 @@
-"""``Params4bit`` and ``Int8Params``: parameters that quantize themselves on their first move to a device (SPEC §5).
+"""``Params4bit`` and ``Int8Params``: parameters that quantize themselves on their first move to a device.
+
+See docs/torch_compat.md#parameters.
 
 As in bitsandbytes, a module built with these parameters holds float weights until
 ``.to(device)`` / ``.cuda()`` / ``.cpu()`` (of the module or the parameter) quantizes them;

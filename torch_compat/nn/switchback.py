@@ -1,4 +1,4 @@
-"""SwitchBack int8 training layers (SPEC §7, §6.5) and StandardLinear, computed by qflax's SwitchBack ops.
+"""SwitchBack int8 training layers (docs/switchback.md) and StandardLinear, computed by qflax's SwitchBack ops.
 
 Unlike bitsandbytes 0.49.2 these work without Triton (the XLA path runs anywhere), return
 the input dtype instead of always fp16, and vector-wise + mem_efficient raises ValueError

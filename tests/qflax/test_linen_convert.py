@@ -1,6 +1,7 @@
-"""Getting weights in and out: quantize_params_4bit, load_bnb_4bit, to_bnb_4bit_state_dict, save_bnb_4bit.
+"""Getting weights in and out of Linen models: quantize_params (with QuantRules), to/from_bnb_checkpoint.
 
-bitsandbytes 0.49.2 runs on CPU in .train() mode (its eval mode takes a bf16 packed path, SPEC §6.1).
+bitsandbytes 0.49.2 runs on CPU in .train() mode (its eval mode takes a bf16 packed path,
+docs/deviations.md#cpu-packed-path).
 """
 
 import flax.linen as nn
@@ -9,19 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bitsandbytes as bnb
+import torch
+
 from qflax.linen import (
     Dense4bit,
+    Dense8bitLt,
     DenseNF4,
     Embed4bit,
-    load_bnb_4bit,
-    quantize_params_4bit,
-    save_bnb_4bit,
-    to_bnb_4bit_state_dict,
+    QuantRules,
+    Rule,
+    from_bnb_checkpoint,
+    quantize_params,
+    to_bnb_checkpoint,
 )
-from qflax.quant import dequantize_4bit, quantize_4bit
+from qflax.quant import dequantize_4bit, quantize_4bit, quantize_rows
 
-torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
+# Dense and Embed layers in NF4; the head stays float.
+RULES = QuantRules(Rule("head", keep_float=True), Rule("*"))
 
 
 class Model(nn.Module):
@@ -41,7 +47,7 @@ class Model(nn.Module):
 def test_quantize_params_maps_dense_and_embed_layers():
     ids = jnp.array([[1, 2, 3], [4, 5, 49]])
     float_params = jax.jit(Model().init)(jax.random.key(0), ids)["params"]
-    variables = quantize_params_4bit(float_params, keep_float=lambda path: path[-1] == "head")
+    variables = quantize_params(float_params, RULES)
     quantized = variables["quantized"]
     assert set(quantized) == {"tok", "fc1"}
     expected = jax.jit(quantize_4bit, static_argnums=(1, 2, 3))(float_params["fc1"]["kernel"].T, 64, "nf4", True)
@@ -63,24 +69,62 @@ def test_quantize_params_maps_dense_and_embed_layers():
     assert 0 < float(jnp.linalg.norm(y4 - y_float) / jnp.linalg.norm(y_float)) < 0.3
 
 
+def test_default_rules_quantize_dense_kernels_only():
+    ids = jnp.array([[1, 2, 3]])
+    float_params = jax.jit(Model().init)(jax.random.key(0), ids)["params"]
+    variables = quantize_params(float_params)
+    assert set(variables["quantized"]) == {"fc1", "head"}
+    assert variables["quantized"]["fc1"]["weight"].nested and variables["quantized"]["fc1"]["weight"].blocksize == 64
+    np.testing.assert_array_equal(variables["params"]["tok"]["embedding"], float_params["tok"]["embedding"])
+
+
+def test_rules_choose_format_and_settings_per_layer():
+    params = {
+        "tok": {"embedding": jax.random.normal(jax.random.key(0), (50, 64))},
+        "fc1": {"kernel": jax.random.normal(jax.random.key(1), (64, 128)), "bias": jnp.ones(128)},
+        "head": {"kernel": jax.random.normal(jax.random.key(2), (128, 8))},
+    }
+    rules = QuantRules(
+        Rule("fc*", format="4bit", quant_type="fp4", blocksize=128, compress_statistics=False),
+        Rule("head", format="8bit"),
+        Rule("*", layers="embed", format="8bit"),
+    )
+    variables = quantize_params(params, rules)
+    fc1 = variables["quantized"]["fc1"]["weight"]
+    assert (fc1.quant_type, fc1.blocksize, fc1.nested, fc1.shape) == ("fp4", 128, False, (128, 64))
+    want = quantize_4bit(params["fc1"]["kernel"].T, 128, "fp4", False)
+    np.testing.assert_array_equal(fc1.packed, want.packed)
+    for name, table in (("head", params["head"]["kernel"].T), ("tok", params["tok"]["embedding"])):
+        np.testing.assert_array_equal(variables["quantized"][name]["weight"].codes, quantize_rows(table).codes)
+    assert list(variables["params"]) == ["fc1"] and list(variables["params"]["fc1"]) == ["bias"]
+    # The 8-bit head runs in Dense8bitLt: rows of ones quantize exactly, so y = x @ dequant(W).T.
+    x = jnp.ones((2, 128))
+    weight = variables["quantized"]["head"]["weight"]
+    y = Dense8bitLt(8, use_bias=False).apply({"params": {}, "quantized": {"weight": weight}}, x)
+    dequantized = np.asarray(weight.codes, np.float32) * np.asarray(weight.scale)[:, None] / 127
+    np.testing.assert_allclose(y, np.ones((2, 128)) @ dequantized.T, rtol=1e-5, atol=1e-4)
+
+
 def test_quantize_params_progress_bar(capsys):
     params = {"a": {"kernel": jnp.ones((64, 8))}, "b": {"kernel": jnp.ones((64, 8)), "bias": jnp.zeros(8)}}
-    quantize_params_4bit(params, progress=True)
-    assert "quantizing to 4 bits" in capsys.readouterr().err
-    quantize_params_4bit(params)  # small tree: no bar by default
+    quantize_params(params, progress=True)
+    assert "quantizing" in capsys.readouterr().err
+    quantize_params(params)  # small tree: no bar by default
     assert "quantizing" not in capsys.readouterr().err
 
 
 def test_quantize_params_bad_input():
     # NaN is a value, not an error: the README rule (its blocks decode to NaN) holds here too.
-    q = quantize_params_4bit({"fc": {"kernel": jnp.full((64, 4), jnp.nan)}})["quantized"]["fc"]["weight"]
+    q = quantize_params({"fc": {"kernel": jnp.full((64, 4), jnp.nan)}})["quantized"]["fc"]["weight"]
     assert np.isnan(np.asarray(dequantize_4bit(q))).all()
     with pytest.raises(TypeError, match="params/fc/kernel must have dtype float32, float16 or bfloat16"):
-        quantize_params_4bit({"fc": {"kernel": jnp.ones((64, 4), jnp.int32)}})
+        quantize_params({"fc": {"kernel": jnp.ones((64, 4), jnp.int32)}})
     with pytest.raises(ValueError, match="quant_type must be one of"):
-        quantize_params_4bit({}, quant_type="int4")
+        Rule(quant_type="int4")
     with pytest.raises(TypeError, match="params must be a mapping"):
-        quantize_params_4bit([jnp.ones((4, 4))])
+        quantize_params([jnp.ones((4, 4))])
+    with pytest.raises(TypeError, match="rules must be"):
+        quantize_params({}, rules="nf4")
 
 
 def _bnb_linear(in_features, out_features, quant_type, nested, bias=True, seed=0):
@@ -110,7 +154,7 @@ def test_bitsandbytes_checkpoint_loads_and_exports_with_equal_outputs(quant_type
     x = torch.randn(2, 3, 192)
     with torch.no_grad():
         y_bnb = layer(x).numpy()
-    variables = load_bnb_4bit(layer.state_dict())
+    variables = from_bnb_checkpoint(layer.state_dict())
     model = Dense4bit(40, quant_type=quant_type, compress_statistics=nested)
     y_ours = np.asarray(model.apply(variables, jnp.asarray(x.numpy())))
     np.testing.assert_allclose(y_ours, y_bnb, rtol=1e-5, atol=1e-5)
@@ -118,7 +162,7 @@ def test_bitsandbytes_checkpoint_loads_and_exports_with_equal_outputs(quant_type
     # Our weights (freshly quantized by qflax, not by bitsandbytes) run in bitsandbytes.
     fresh = jax.jit(model.init)(jax.random.key(1), jnp.ones((1, 192)))
     fresh["params"]["bias"] = jax.random.normal(jax.random.key(2), (40,))
-    state = to_bnb_4bit_state_dict(fresh)
+    state = to_bnb_checkpoint(fresh)
     rebuilt = _bnb_from_state_dict(state, 192, 40)
     with torch.no_grad():
         y_rebuilt = rebuilt(x).numpy()
@@ -130,7 +174,7 @@ def test_bfloat16_inputs_match_bitsandbytes():
     x = torch.randn(4, 128).to(torch.bfloat16)
     with torch.no_grad():
         y_bnb = layer(x).float().numpy()  # bf16 first input: bitsandbytes computes in bf16
-    variables = load_bnb_4bit(layer.state_dict())
+    variables = from_bnb_checkpoint(layer.state_dict())
     y = DenseNF4(32).apply(variables, jnp.asarray(x.float().numpy()).astype(jnp.bfloat16))
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), y_bnb, rtol=2e-2, atol=2e-2 * np.abs(y_bnb).max())
@@ -173,45 +217,56 @@ def test_whole_model_checkpoint_with_many_prefixes_and_safetensors_files(tmp_pat
         y_torch = net(x).numpy()
     path = tmp_path / "bnb_model.safetensors"
     save_file(net.state_dict(), str(path))
-    variables = load_bnb_4bit(path)
+    variables = from_bnb_checkpoint(path)
     assert set(variables["quantized"]) == {"encoder", "head"} and "norm" not in variables["params"]
     y = np.asarray(FlaxNet().apply(variables, jnp.asarray(x.numpy())))
     np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
 
     # Export back: the same bytes as bitsandbytes saved, through a file of our own.
     ours = tmp_path / "qflax_model.safetensors"
-    save_bnb_4bit(ours, variables)
-    reread = load_bnb_4bit(ours)
+    to_bnb_checkpoint(variables, ours)
+    reread = from_bnb_checkpoint(ours)
     ref_state = {k: v.numpy() for k, v in net.state_dict().items() if not k.startswith("norm.")}
-    out_state = to_bnb_4bit_state_dict(reread)
+    out_state = to_bnb_checkpoint(reread)
     assert set(out_state) == set(ref_state)
     for key, value in ref_state.items():
         np.testing.assert_array_equal(out_state[key], value, err_msg=key)
 
+    # With a template, the float LayerNorm loads too (torch "weight" is Flax "scale").
+    norm = {"scale": jnp.zeros(128), "bias": jnp.zeros(128)}
+    full = from_bnb_checkpoint(path, {**variables, "params": {**variables["params"], "norm": norm}})
+    np.testing.assert_array_equal(full["params"]["norm"]["scale"], net.norm.weight.detach().numpy())
+    np.testing.assert_array_equal(full["params"]["norm"]["bias"], net.norm.bias.detach().numpy())
+    assert set(to_bnb_checkpoint(full)) == set(net.state_dict())
+
 
 def test_rename_maps_torch_names_to_flax_paths_and_back():
-    state = to_bnb_4bit_state_dict(
-        {"params": {}, "quantized": {"layers_0": {"fc": {"weight": quantize_4bit(jnp.ones((8, 64)))}}}}
-    )
+    variables = {"params": {}, "quantized": {"layers_0": {"fc": {"weight": quantize_4bit(jnp.ones((8, 64)))}}}}
+    state = to_bnb_checkpoint(variables)
     assert "layers_0.fc.weight" in state
     torch_state = {k.replace("layers_0", "layers.0"): v for k, v in state.items()}
-    variables = load_bnb_4bit(torch_state, rename=lambda name: name.replace("layers.", "layers_"))
-    assert "fc" in variables["quantized"]["layers_0"]
-    back = to_bnb_4bit_state_dict(variables, rename=lambda name: name.replace("layers_", "layers."))
+    to_flax = lambda name: name.replace("layers.", "layers_")  # noqa: E731
+    loaded = from_bnb_checkpoint(torch_state, rename=to_flax)
+    assert "fc" in loaded["quantized"]["layers_0"]
+    back = to_bnb_checkpoint(loaded, rename=lambda name: name.replace("layers_", "layers."))
     assert set(back) == set(torch_state)
+    # A template names Flax paths; rename still runs torch -> Flax.
+    templated = from_bnb_checkpoint(torch_state, variables, rename=to_flax)
+    packed = templated["quantized"]["layers_0"]["fc"]["weight"].packed
+    np.testing.assert_array_equal(packed, state["layers_0.fc.weight"])
 
 
 def test_bad_checkpoints_raise_clear_errors():
     state = {k: v.numpy() for k, v in _bnb_linear(64, 16, "nf4", True).state_dict().items()}
-    variables = load_bnb_4bit(state)
+    variables = from_bnb_checkpoint(state)
     missing = {k: v for k, v in state.items() if k != "weight.absmax"}
     with pytest.raises(KeyError, match="missing the key 'weight.absmax'"):
-        load_bnb_4bit(missing)
+        from_bnb_checkpoint(missing)
     with pytest.raises(KeyError, match="missing the key 'weight'"):
-        load_bnb_4bit({k: v for k, v in state.items() if k != "weight"})
+        from_bnb_checkpoint({k: v for k, v in state.items() if k != "weight"})
     truncated = dict(state, weight=state["weight"][:-2])
     with pytest.raises(ValueError, match="'weight' must be uint8 of shape"):
-        load_bnb_4bit(truncated)
+        from_bnb_checkpoint(truncated)
     with pytest.raises(ValueError, match=r"weight has shape \(16, 64\), but this layer needs \(24, 64\)"):
         DenseNF4(24).apply(variables, jnp.ones((1, 64)))
     with pytest.raises(ValueError, match="inputs have 32 features but the weight"):
@@ -220,10 +275,14 @@ def test_bad_checkpoints_raise_clear_errors():
         Dense4bit(16, quant_type="fp4").apply(variables, jnp.ones((1, 64)))
     relabelled = {k.replace("bitsandbytes__nf4", "bitsandbytes__fp4"): v for k, v in state.items()}
     with pytest.raises(ValueError, match="says quant_type 'nf4' but its key names 'fp4'"):
-        load_bnb_4bit(relabelled)
-    with pytest.raises(ValueError, match="no 4-bit weights in the checkpoint"):
-        load_bnb_4bit({"fc.weight": np.ones((4, 4), np.float32)})
+        from_bnb_checkpoint(relabelled)
+    with pytest.raises(ValueError, match="no quantized weights in the checkpoint"):
+        from_bnb_checkpoint({"fc.weight": np.ones((4, 4), np.float32)})
     with pytest.raises(TypeError, match="source must be a state dict"):
-        load_bnb_4bit(42)
-    with pytest.raises(KeyError, match="no 'quantized' collection"):
-        to_bnb_4bit_state_dict({"params": {}})
+        from_bnb_checkpoint(42)
+    # With a template: a float entry of the wrong shape is named.
+    template = {"params": {"fc": {"kernel": jnp.zeros((4, 3))}}}
+    with pytest.raises(ValueError, match="fc.weight does not fit the variable params/fc/kernel"):
+        from_bnb_checkpoint({"fc.weight": np.ones((4, 4), np.float32)}, template)
+    with pytest.raises(KeyError, match="missing the key 'fc.weight'"):
+        from_bnb_checkpoint({}, template)

@@ -1,10 +1,10 @@
 """Warnings shown once per layer, without touching the process-wide warnings filters.
 
 bitsandbytes silences its 4-bit warnings by installing global ``warnings.filterwarnings``
-entries (SPEC §10.2), which also hides unrelated warnings. Flax modules are re-created on every
-``apply``, so "once per layer" is tracked by the identity of the layer's quantized weight array:
-eagerly that is the same array on every call; under ``jax.jit`` it is a tracer, so the warning
-comes once per trace (normally once per compilation).
+entries (docs/deviations.md#warnings), which also hides unrelated warnings. Flax modules are re-created on
+every ``apply`` and NNX modules may be split and merged, so "once per layer" is tracked by the identity of
+the layer's quantized weight array: eagerly that is the same array on every call; under ``jax.jit`` it is a
+tracer, so the warning comes once per trace (normally once per compilation).
 """
 
 import warnings
