@@ -28,11 +28,6 @@ from qflax import ops  # noqa: E402
 
 # Strict promotion turns silent int8 -> float or fp16 -> fp32 upcasts into errors.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
-# On CPU the tests compile thousands of small programs and run each a few times: compile time is most
-# of the suite's time, so XLA skips its costly optimisation passes there (a quarter less time, cold).
-# Not on a GPU, where the kernels' tests should see the programs users get.
-if jax.default_backend() == "cpu":
-    jax.config.update("jax_disable_most_optimizations", True)
 
 # The kernel tests choose their backends themselves (Triton's interpreter on CPU, use_backend blocks or
 # explicit backend=), and some check what "auto" picks with nothing pinned: qflax's kernels (tests/kernels,
