@@ -95,31 +95,34 @@ class _CompiledLaunches:
     """
 
     def __init__(self, launch: Launch):
-        self.launch = launch
-        self.scalars = tuple(v for _, v in launch.scalars)
-        # The scalars are fixed per launch, so only the tensors' properties vary between calls.
+        import torch
+        from triton import knobs
+
         names = tuple(p.name for p in launch.kernel.params)
         positional = launch.argument_names()
         if names[:len(positional)] != positional:
             raise ValueError(f"{launch.name}: the kernel's constexpr parameters must follow its outputs, got {names}")
+        self.launch = launch
+        # The scalars are fixed per launch, so only the tensors' properties vary between calls.
+        self.scalars = tuple(v for _, v in launch.scalars)
         given = launch.constexpr_dict()
         self.tail = tuple(given[name] for name in names[len(positional):])
         self.compiled: dict = {}
+        # Looked up once: every call below is on the layer's hot path.
+        self._hooks = knobs.runtime
+        self._current_stream = torch._C._cuda_getCurrentRawStream
 
     def __call__(self, inputs, outputs):
-        import torch
-        from triton import knobs
-
         tensors = (*inputs, *outputs)
         device = tensors[0].device.index
         key = (device, tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
         kernel = self.compiled.get(key)
-        if kernel is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        if kernel is None or _hooked(self._hooks.launch_enter_hook) or _hooked(self._hooks.launch_exit_hook):
             kernel = _launch_through_triton(self.launch, inputs, outputs)
             self.compiled[key] = kernel
             return kernel
         g0, g1, g2 = self.launch.grid3
-        stream = torch._C._cuda_getCurrentRawStream(device)
+        stream = self._current_stream(device)
         kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, None, None, None,
                    *inputs, *self.scalars, *outputs, *self.tail)
         return kernel
