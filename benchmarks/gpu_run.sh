@@ -10,6 +10,8 @@
 #   torch-tests  pytest -m gpu tests/torch_compat_kernels (torch_compat's direct kernel path)
 #   overhead   benchmarks/bench_overhead.py --device cuda (one small LinearNF4 call)
 #   generate   benchmarks/bench_torch_generate.py (GEN_ARGS overrides its arguments)
+#   tune-int8  benchmarks/tune_int8_tiles.py (TUNE_INT8_ARGS)
+#   profile-gen  benchmarks/profile_torch_generate.py (PROFILE_ARGS): host-time table of eager decode
 # Wheels in .whl/ are installed to /tmp/site (jax-triton for the launch baseline, bitsandbytes).
 # Compile caches (Triton's and JAX's) travel as .cache/kernels.tar.gz and come back in $OUT.
 set -uo pipefail
@@ -63,6 +65,14 @@ PY
     generate)
       timeout 540 python3 benchmarks/bench_torch_generate.py ${GEN_ARGS:-} --out "$OUT/torch_generate.json" 2>&1 \
         | grep -v Warning | tail -30
+      ;;
+    tune-int8)
+      (cd benchmarks && timeout 400 python3 tune_int8_tiles.py ${TUNE_INT8_ARGS:-} --out "$OUT/tune_int8.json" 2>&1 \
+        | grep -v Warning | tail -${TUNE_TAIL:-80})
+      ;;
+    profile-gen)
+      timeout 300 python3 benchmarks/profile_torch_generate.py ${PROFILE_ARGS:-} > "$OUT/profile_gen.txt" 2>&1
+      grep -E "===|sync marker" "$OUT/profile_gen.txt"
       ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

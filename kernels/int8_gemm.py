@@ -47,6 +47,7 @@ def int8_matmul_dequant_kernel(
     OUTLIER_W_FLOAT: tl.constexpr,
     DOT_IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    PAD_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -68,7 +69,14 @@ def int8_matmul_dequant_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # Out-of-range rows/columns read a valid row instead (wrapped); their results are masked at the store.
-    ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M).to(tl.int64)
+    if PAD_ROWS:
+        # Fewer rows than the tile (decode): wrapped rows would make every program ask the same
+        # few L2 lines for x BLOCK_M times over; the padding rows are not loaded at all instead.
+        ram = tl.minimum(rm, M - 1).to(tl.int64)
+        a_rows_ok = rm < M
+    else:
+        ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M).to(tl.int64)
+        a_rows_ok = rm >= 0
     rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N).to(tl.int64)
     a_ptrs = a_ptr + ram[:, None] * K + rk[None, :]
     b_ptrs = b_ptr + rbn[:, None] * K + rk[None, :]
@@ -76,11 +84,14 @@ def int8_matmul_dequant_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
-            a = tl.load(a_ptrs)
+            if PAD_ROWS:
+                a = tl.load(a_ptrs, mask=a_rows_ok[:, None], other=0)
+            else:
+                a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
             k_ok = rk < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+            a = tl.load(a_ptrs, mask=a_rows_ok[:, None] & k_ok[None, :], other=0)
             b = tl.load(b_ptrs, mask=k_ok[None, :], other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
@@ -139,8 +150,7 @@ def gemm_config(M: int, N: int, K: int) -> dict:
     """Tile sizes, warps and pipeline depth for one problem size (chosen on an H100, see benchmarks/).
 
     Large problems take 128x256x128 tiles (int8 wgmma wants a deep K tile); small ones
-    smaller tiles so the grid still fills the 132 SMs. The M <= 16 tiles are a first guess for
-    the H200 decode path, not yet tuned.
+    smaller tiles so the grid still fills the 132 SMs. The M <= 16 tiles were measured on the H200.
     """
     if M >= 2048 and N >= 2048:
         cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
@@ -149,9 +159,11 @@ def gemm_config(M: int, N: int, K: int) -> dict:
     elif M > 16:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     else:
-        # Decode: the weight stream is the whole cost. Narrow N tiles so even a 4096-wide layer
-        # has 128 programs (64x128 tiles left 100 of the 132 SMs idle), deep K steps for bytes in flight.
-        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
+        # Decode: the weight stream is the whole cost. Deep K steps (512 bytes of each weight row)
+        # keep bytes in flight; N tiles of 64 (32 for narrow layers, so they still spread over
+        # the SMs). Measured on the H200 (benchmarks/tune_int8_tiles.py, M = 1 and 16, the
+        # decoder's four shapes): 1.0-1.5x faster at M = 1 than the 16x32x256 tiles used before.
+        cfg = dict(BLOCK_M=16, BLOCK_N=32 if N <= 2048 else 64, BLOCK_K=512, GROUP_M=1, num_warps=4, num_stages=4)
     return cfg
 
 
@@ -168,7 +180,8 @@ def gemm_meta(
     cfg = dict(gemm_config(M, N, K) if config is None else config)
     meta = dict(
         N=N, K=K, HAS_BIAS=has_bias, B_SCALE_GLOBAL=b_scale_global, HAS_OUTLIERS=has_outliers,
-        OUTLIER_W_FLOAT=outlier_w_float, DOT_IEEE=dot_ieee, EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_O=32, **cfg,
+        OUTLIER_W_FLOAT=outlier_w_float, DOT_IEEE=dot_ieee, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        PAD_ROWS=M < cfg["BLOCK_M"], BLOCK_O=32, **cfg,
     )
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     return grid, meta

@@ -15,7 +15,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from qflax_kernels import int8_specs
+from qflax_kernels import int8_quant, int8_specs
 from qflax_kernels.batching import batched_launcher
 from qflax_kernels.triton_call import triton_call
 
@@ -114,6 +114,49 @@ def quantize_rowwise(
             raise ValueError("col_mask is required when threshold > 0")
         return _rows_fn(float(threshold), bool(llm_int8_scale))(x, col_mask.astype(jnp.int8))
     return _rows_fn(0.0, bool(llm_int8_scale))(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_outliers_fn(threshold: float, find_mask: bool):
+    def launch(x, mask):
+        M, K = x.shape
+        spec = int8_specs.rows_outliers_launch(M, K, threshold=threshold, find_mask=find_mask)
+        return triton_call(spec, x, mask)
+
+    # The outlier columns span all rows of one element: never fold a batch into M.
+    return batched_launcher(launch, ())
+
+
+def quantize_rows_outliers(
+    x: jax.Array, threshold: float, col_mask: Optional[jax.Array] = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """LLM.int8 row quantization with outliers, and the outlier columns, of a 2-D float ``x (M, K)``.
+
+    Args:
+      x: float ``(M, K)``, ``K <= MAX_ROW_K``.
+      threshold: outlier threshold, > 0.
+      col_mask: optional bool ``(K,)`` outlier columns (when they depend on more than ``x``, e.g.
+        rows on other devices). By default they are ``any(|x| >= threshold)``, found by the
+        kernel itself when one program holds every row, else by one XLA reduction first.
+
+    Returns:
+      ``(codes, absmax, columns, count)``: codes and absmax as
+      ``qflax.quant.int8.int8_vectorwise_quant(x, threshold)`` gives them; ``columns`` int32
+      ``(K,)`` holds the outlier columns first and then the others, each part in increasing
+      order; ``count`` int32 ``(1,)`` is the number of outlier columns. ``columns`` and ``count``
+      are the GEMM's ``outlier_idx`` and ``outlier_count``.
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    M, K = x.shape
+    find_mask = col_mask is None and int8_quant.outliers_fit_one_program(M, K)
+    if find_mask:
+        mask = x  # not read: the kernel finds the mask
+    elif col_mask is None:
+        mask = jnp.any(jnp.abs(x.astype(jnp.float32)) >= threshold, axis=0).astype(jnp.int8)
+    else:
+        mask = col_mask.astype(jnp.int8)
+    return tuple(_rows_outliers_fn(float(threshold), find_mask)(x, mask))
 
 
 @functools.lru_cache(maxsize=None)

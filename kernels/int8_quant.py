@@ -104,6 +104,58 @@ def quantize_rows_kernel(
 
 
 @triton.jit
+def quantize_rows_outliers_kernel(
+    x_ptr,  # float (M, K)
+    col_mask_ptr,  # int8 (K,): nonzero = outlier column; not read with FIND_MASK
+    M,  # runtime scalar: after the array inputs, before the outputs (qflax_kernels.launch)
+    codes_ptr,  # int8 (M, K)
+    absmax_ptr,  # float32 (M,)
+    columns_ptr,  # int32 (K,): the outlier columns first, then the others, each part increasing
+    count_ptr,  # int32 (1,): how many outlier columns
+    K: tl.constexpr,
+    FIND_MASK: tl.constexpr,
+    THRESHOLD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """LLM.int8's row quantizer with outliers, and the outlier columns listed for the GEMM.
+
+    Codes and absmax are those of ``quantize_rows_kernel`` with the mask (bitsandbytes' scale
+    ``127 * (1 / absmax)``). With ``FIND_MASK`` (the grid is one program holding every row) the
+    column mask is found here, ``any(|x| >= THRESHOLD)`` over the rows, instead of read. Program 0
+    also writes the stable partition of the columns, outliers first: the first ``count`` entries
+    are what ``nonzero(mask)`` gives, without the scatter and prefix sums XLA and torch spend on
+    it (and without a host read).
+    """
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    k_ok = rk < K
+    ok = (rm < M)[:, None] & k_ok[None, :]
+    offs = rm.to(tl.int64)[:, None] * K + rk[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    outlier = tl.abs(x) >= THRESHOLD  # padding holds 0.0 and THRESHOLD > 0: never an outlier
+    if FIND_MASK:
+        col = tl.max(tl.where(outlier, 1, 0), axis=0)
+    else:
+        col = tl.where(tl.load(col_mask_ptr + rk, mask=k_ok, other=0) != 0, 1, 0)
+    # Outlier elements leave the row absmax and round to 0; then every outlier column's codes are 0
+    # (their products run in float in the GEMM).
+    x = tl.where(outlier, 0.0, x)
+    absmax = _absmax(x, 1)
+    codes = _scaled_codes(x, absmax[:, None], True)
+    codes = tl.where(col[None, :] != 0, 0, codes).to(tl.int8)
+    tl.store(codes_ptr + offs, codes, mask=ok)
+    tl.store(absmax_ptr + rm, absmax, mask=rm < M)
+    if pid == 0:
+        regular = tl.where(k_ok, 1 - col, 0)
+        count = tl.sum(col, axis=0)
+        position = tl.where(col != 0, tl.cumsum(col, 0) - 1, count + tl.cumsum(regular, 0) - 1)
+        tl.store(columns_ptr + position, rk, mask=k_ok)
+        tl.store(count_ptr + tl.arange(0, 1), tl.full((1,), 0, tl.int32) + count)
+
+
+@triton.jit
 def absmax_kernel(
     x_ptr,  # float (M, N)
     M,
@@ -181,6 +233,36 @@ def rows_meta(
     meta = dict(K=K, HAS_MASK=threshold > 0, THRESHOLD=float(threshold), RECIPROCAL_SCALE=llm_int8_scale,
                 BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return (triton.cdiv(M, block_m),), meta
+
+
+# One program finds the outlier mask itself when it holds every row: at most this many elements.
+ONE_PROGRAM_ELEMENTS = 32768
+
+
+def outliers_fit_one_program(M: int, K: int) -> bool:
+    """Whether :func:`quantize_rows_outliers_kernel` can find the column mask itself (one program, all rows)."""
+    return triton.next_power_of_2(M) * triton.next_power_of_2(K) <= ONE_PROGRAM_ELEMENTS
+
+
+def rows_outliers_meta(M: int, K: int, *, threshold: float, find_mask: bool) -> tuple[tuple[int], dict]:
+    """(grid, keyword arguments) for :func:`quantize_rows_outliers_kernel`; ``K <= MAX_ROW_K``, ``threshold > 0``.
+
+    ``find_mask`` (only where :func:`outliers_fit_one_program`): one program holds all rows and
+    finds the column mask; otherwise the tiles of :func:`rows_meta` and the mask is an input.
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0 for the outlier quantizer, got {threshold}")
+    (grid, meta) = rows_meta(M, K, threshold=threshold, llm_int8_scale=True)
+    meta = dict(K=K, FIND_MASK=find_mask, THRESHOLD=float(threshold), BLOCK_M=meta["BLOCK_M"],
+                BLOCK_K=meta["BLOCK_K"], num_warps=meta["num_warps"])
+    if find_mask:
+        if not outliers_fit_one_program(M, K):
+            raise ValueError(f"find_mask needs next_power_of_2(M) * next_power_of_2(K) <= {ONE_PROGRAM_ELEMENTS}, got M={M}, K={K}")
+        elements = triton.next_power_of_2(M) * meta["BLOCK_K"]
+        meta.update(BLOCK_M=triton.next_power_of_2(M),
+                    num_warps=4 if elements <= 4096 else (8 if elements <= 16384 else 16))
+        grid = (1,)
+    return grid, meta
 
 
 def absmax_meta(M: int, N: int, *, per_column: bool) -> tuple[tuple[int, int], dict]:

@@ -42,6 +42,16 @@ def rows_launch(m: int, k: int, *, threshold: float, llm_int8_scale: bool) -> La
                       m=m, enable_fp_fusion=False)
 
 
+def rows_outliers_launch(m: int, k: int, *, threshold: float, find_mask: bool) -> Launch:
+    """``quantize_rows_outliers_kernel``: inputs x ``(m, k)``, col_mask (not read with ``find_mask``);
+    outputs codes ``(m, k)`` int8, absmax ``(m,)``, columns ``(k,)`` int32 (outliers first), count ``(1,)`` int32."""
+    grid, meta = int8_quant.rows_outliers_meta(m, k, threshold=threshold, find_mask=find_mask)
+    return _from_meta(int8_quant.quantize_rows_outliers_kernel, grid, meta,
+                      outputs=(Output((m, k), "int8"), Output((m,), "float32"), Output((k,), "int32"),
+                               Output((1,), "int32")),
+                      name="qflax_int8_quantize_rows_outliers", m=m, enable_fp_fusion=False)
+
+
 def absmax_launch(m: int, n: int, *, per_column: bool) -> Launch:
     """``absmax_kernel``: input x ``(m, n)``; output the zero-initialised column ``(n,)`` or global ``(1,)`` absmax."""
     grid, meta = int8_quant.absmax_meta(m, n, per_column=per_column)

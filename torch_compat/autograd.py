@@ -40,14 +40,20 @@ class MatmulLtState:
     use_pool = False
     formatB = "row"
 
-    def defer_idx(self, columns: torch.Tensor) -> None:
-        """Sets ``idx`` from a boolean column mask, read on the host only when ``idx`` is read.
+    def defer_idx(self, columns: torch.Tensor, count: Optional[torch.Tensor] = None) -> None:
+        """Sets ``idx`` from the device, read on the host only when ``idx`` is read.
 
-        Finding the indices (``nonzero``) waits for the device; deferring it keeps a forward
-        free of host synchronisation, as bitsandbytes' callers rarely read ``idx``.
+        Finding the indices waits for the device; deferring it keeps a forward free of host
+        synchronisation, as bitsandbytes' callers rarely read ``idx``.
+
+        Args:
+          columns: a boolean ``(in_features,)`` column mask; or, with ``count``, the int32
+            columns with the outlier columns first in increasing order (the int8 quantizer
+            kernel's partition).
+          count: int32 ``(1,)``, the number of outlier columns at the front of ``columns``.
         """
         self.__dict__["idx"] = None
-        self.__dict__["_idx_columns"] = columns
+        self.__dict__["_idx_columns"] = columns if count is None else (columns, count)
 
     def reset_grads(self) -> None:
         """Drops the quantized weight (it is re-made at the next forward)."""
@@ -66,7 +72,11 @@ class _DeferredIdx:
         if state is None:
             return None  # the dataclass default
         columns = state.__dict__.get("_idx_columns")
-        if columns is not None:
+        if isinstance(columns, tuple):
+            partition, count = columns
+            state.__dict__["idx"] = partition[: int(count.item())].to(torch.int64)
+            state.__dict__["_idx_columns"] = None
+        elif columns is not None:
             state.__dict__["idx"] = torch.nonzero(columns).flatten()
             state.__dict__["_idx_columns"] = None
         return state.__dict__.get("idx")

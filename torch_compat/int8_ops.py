@@ -4,9 +4,10 @@ The forward pass is ``qflax.ops.int8_kernels.run_llm_int8`` on torch tensors, wi
 of ``qflax_kernels.int8_specs``: the fused row quantizer (bitsandbytes' ``127 * (1 / absmax)``
 scale, outlier elements out of the row absmax, outlier columns' codes zeroed), then the int8 GEMM
 whose epilogue dequantizes, adds the outlier columns' float product (the int8 weight columns
-dequantized in the kernel) and the bias. The outlier columns are found on the device: their
-indices are the first ``count`` entries of a stable partition of the columns, so nothing is read
-on the host and every shape is static (torch.compile and CUDA graphs take the ops as they are).
+dequantized in the kernel) and the bias. The outlier columns are found on the device, by the
+quantizer kernel: their indices are the first ``count`` entries of a stable partition of the
+columns it writes, so nothing is read on the host and every shape is static (torch.compile and
+CUDA graphs take the ops as they are).
 
 Backward passes follow ``qflax.ops.int8_matmul``: the input gradient ``G @ dequant(W)`` in x's
 dtype, the bias gradient summed in float32 and, for a trainable float weight, the exact
@@ -31,6 +32,14 @@ def _rows_launch(m: int, k: int, threshold: float):
 
 
 @functools.lru_cache(maxsize=4096)
+def _rows_outliers_launch(m: int, k: int, threshold: float):
+    from qflax_kernels import int8_quant, int8_specs
+
+    find_mask = int8_quant.outliers_fit_one_program(m, k)
+    return int8_specs.rows_outliers_launch(m, k, threshold=threshold, find_mask=find_mask), find_mask
+
+
+@functools.lru_cache(maxsize=4096)
 def _gemm_launch(m: int, n: int, k: int, out_dtype: str, has_bias: bool, b_scale_global: bool, has_outliers: bool,
                  dot_ieee: bool):
     from qflax_kernels import int8_specs
@@ -39,48 +48,56 @@ def _gemm_launch(m: int, n: int, k: int, out_dtype: str, has_bias: bool, b_scale
                                   has_outliers=has_outliers, dot_ieee=dot_ieee)
 
 
-def _quantize_rows(x2: Tensor, threshold: float = 0.0, col_mask: Optional[Tensor] = None) -> tuple:
+def _quantize_rows(x2: Tensor) -> tuple:
     # Without outliers the mask pointer is never read: x2 stands in for it.
     x2 = x2.contiguous()
-    launch = _rows_launch(x2.shape[0], x2.shape[1], float(threshold))
-    codes, absmax = kernel_launch.run(launch, [x2, x2 if col_mask is None else col_mask])
+    codes, absmax = kernel_launch.run(_rows_launch(x2.shape[0], x2.shape[1], 0.0), [x2, x2])
     return codes, absmax
 
 
-def _llm_int8(x2: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
-    """The LLM.int8 product of a contiguous 2-D ``x2 (M, K)``, (M, N) in x2's dtype (bias included)."""
+def _quantize_rows_outliers(x2: Tensor, threshold: float) -> tuple:
+    """codes, absmax, the columns with the outliers first (int32 ``(K,)``) and their count (int32 ``(1,)``)."""
+    launch, find_mask = _rows_outliers_launch(x2.shape[0], x2.shape[1], float(threshold))
+    if find_mask:  # one program holds every row and finds the column mask: x2 stands in for its pointer
+        return kernel_launch.run(launch, [x2, x2])
+    # The column mask as qflax.quant.int8.outlier_mask: any |x| >= threshold, compared in float32.
+    mask = (x2.abs().amax(0).float() >= threshold).to(torch.int8)
+    return kernel_launch.run(launch, [x2, mask])
+
+
+def llm_int8_with_outliers(x2: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                           threshold: float) -> tuple:
+    """The LLM.int8 product of a 2-D ``x2 (M, K)`` and, with a threshold, its outlier columns.
+
+    Returns:
+      ``(out, columns, count)``: out ``(M, N)`` in x2's dtype (bias included); with
+      ``threshold > 0`` the int32 columns with the outlier columns first (increasing) and their
+      int32 ``(1,)`` count, found on the device (``MatmulLtState.defer_idx`` takes them), else None, None.
+    """
     x2, w_codes = x2.contiguous(), w_codes.contiguous()  # no-ops for the callers; a compiler may pass other strides
     m, k = x2.shape
     n = w_codes.shape[0]
     if m == 0:
-        return x2.new_empty((0, n))
+        return x2.new_empty((0, n)), None, None
     w_scale = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
     unread = w_scale  # pointers a launch does not read get an input already at hand
+    columns = count = None
     if threshold == 0:
         codes, absmax = _quantize_rows(x2)
         outlier_inputs = [unread, unread, unread]
     else:
-        # The column mask as qflax.quant.int8.outlier_mask: any |x| >= threshold, compared in float32.
-        mask = x2.abs().amax(0).float() >= threshold
-        codes, absmax = _quantize_rows(x2, threshold, mask.to(torch.int8))
-        idx, count = _outliers_first(mask)
-        outlier_inputs = [x2, idx, count]
+        codes, absmax, columns, count = _quantize_rows_outliers(x2, threshold)
+        outlier_inputs = [x2, columns, count]
     launch = _gemm_launch(m, n, k, kernel_launch.dtype_name(x2.dtype), bias is not None, False, threshold != 0,
                           threshold != 0 and x2.dtype == torch.float32)
     inputs = [codes, w_codes, absmax, w_scale, unread if bias is None else bias, *outlier_inputs, unread]
     (out,) = kernel_launch.run(launch, inputs)
-    return out
+    return out, columns, count
 
 
-def _outliers_first(mask: Tensor) -> tuple:
-    """int32 column indices with the outlier columns first, both parts in increasing order, and the count (1,).
-
-    A stable sort of the inverted mask: no host read, no dynamic shape, deterministic, and few
-    dispatches (each costs host time in eager calls). The first ``count`` entries are what the
-    JAX path's ``nonzero`` gives; the kernel reads no further.
-    """
-    order = torch.sort((~mask).to(torch.uint8), stable=True).indices.to(torch.int32)
-    return order, mask.sum(dtype=torch.int32).reshape(1)
+def _llm_int8(x2: Tensor, w_codes: Tensor, w_scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+    """The LLM.int8 product of a 2-D ``x2 (M, K)``, (M, N) in x2's dtype (bias included)."""
+    return llm_int8_with_outliers(x2, w_codes, w_scale, bias, threshold)[0]
 
 
 def _dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:

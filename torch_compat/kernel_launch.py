@@ -121,14 +121,20 @@ def _modes_active() -> bool:
     return dispatch_modes is None or dispatch_modes() > 0 or (function_modes is not None and function_modes())
 
 
+def body_suffices(*args) -> bool:
+    """Whether a custom op called on ``args`` may be replaced by its body (plain eager code).
+
+    The op (a ``torch.library`` custom op) is needed wherever something must see it: torch.compile
+    tracing, autograd (an argument requires grad), a dispatch or torch-function mode.
+    """
+    return not (torch.compiler.is_compiling() or _modes_active()
+                or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
+
+
 def call(op, body, *args):
     """``op(*args)``, or in plain eager code ``body(*args)``: the same computation without the dispatcher.
 
-    The op (a ``torch.library`` custom op) is needed wherever something must see it: torch.compile
-    tracing, autograd (an argument requires grad), a dispatch or torch-function mode. Otherwise its
-    body is called directly, saving the custom op's Python dispatch on every layer call.
+    Calling the body directly (:func:`body_suffices`) saves the custom op's Python dispatch on
+    every layer call.
     """
-    if (torch.compiler.is_compiling() or _modes_active()
-            or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))):
-        return op(*args)
-    return body(*args)
+    return body(*args) if body_suffices(*args) else op(*args)

@@ -13,7 +13,7 @@ import torch
 
 from torch_compat import cuda_weights, direct_path, fourbit_ops, int8_ops
 from torch_compat.autograd import outlier_columns
-from torch_compat.kernel_launch import call, dtype_name
+from torch_compat.kernel_launch import body_suffices, call, dtype_name
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -83,11 +83,19 @@ def linear_8bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     if trainable:
         out = call(torch.ops.qflax.llm_int8_matmul_trainable, int8_ops.llm_int8_matmul_trainable_body, x2,
                    weight.contiguous(), bias, threshold)
+        if threshold > 0 and not torch.compiler.is_compiling() and not _capturing(x):
+            layer.state.defer_idx(outlier_columns(x, threshold))
     else:
         codes, scale = cuda_weights.int8_weight(layer, *layer._int8_weight())
-        out = call(torch.ops.qflax.llm_int8_matmul, int8_ops.llm_int8_matmul_body, x2, codes, scale, bias, threshold)
-    if threshold > 0 and not torch.compiler.is_compiling() and not _capturing(x):
-        layer.state.defer_idx(outlier_columns(x, threshold))
+        if threshold > 0 and body_suffices(x2, codes, scale, bias) and not _capturing(x):
+            # Plain eager code: the op's body, whose quantizer also lists the outlier columns for idx.
+            out, columns, count = int8_ops.llm_int8_with_outliers(x2, codes, scale, bias, threshold)
+            layer.state.defer_idx(columns, count)
+        else:
+            out = call(torch.ops.qflax.llm_int8_matmul, int8_ops.llm_int8_matmul_body, x2, codes, scale, bias,
+                       threshold)
+            if threshold > 0 and not torch.compiler.is_compiling() and not _capturing(x):
+                layer.state.defer_idx(outlier_columns(x, threshold))
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -16,7 +16,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from qflax.quant.int8 import outlier_mask
 
 # Longest row the single-pass row quantizer handles (qflax_kernels.int8_quant.MAX_ROW_K).
 MAX_K = 32768
@@ -122,7 +121,7 @@ def run_llm_int8(
     Activations are quantized as ``qflax.quant.int8.int8_vectorwise_quant`` does (scale
     ``127 * (1 / absmax)``, outlier elements out of the row absmax, outlier columns' codes 0).
 
-    The outlier columns (any ``|x| >= threshold``, found by ``qflax.quant.int8.outlier_mask``) are
+    The outlier columns (any ``|x| >= threshold``, as ``qflax.quant.int8.outlier_mask``, listed by the quantizer kernel) are
     zeroed in the int8 codes and multiplied in x's precision against the int8 weight columns
     dequantized inside the GEMM kernel; the weight is never dequantized in memory.
 
@@ -142,13 +141,11 @@ def run_llm_int8(
         codes, absmax = _launch().quantize_rowwise(x2, llm_int8_scale=True)
         out = _launch().int8_matmul_dequant(codes, w_codes, absmax, w_scale, bias, out_dtype=x.dtype)
         return out.reshape(x.shape[:-1] + (w_codes.shape[0],))
-    K = x2.shape[1]
-    mask = outlier_mask(x2, threshold)
-    codes, absmax = _launch().quantize_rowwise(x2, threshold, mask, llm_int8_scale=True)
-    idx = jnp.nonzero(mask, size=K, fill_value=0)[0].astype(jnp.int32)
-    count = jnp.sum(mask, dtype=jnp.int32).reshape(1)
+    # One quantizer launch gives the codes and the outlier columns (no nonzero: its scatter and
+    # prefix sums cost more than the int8 GEMM at decode sizes).
+    codes, absmax, columns, count = _launch().quantize_rows_outliers(x2, threshold)
     out = _launch().int8_matmul_dequant(codes, w_codes, absmax, w_scale, bias, out_dtype=x.dtype, x=x2,
-                                        outlier_idx=idx, outlier_count=count, outlier_weight=outlier_weight)
+                                        outlier_idx=columns, outlier_count=count, outlier_weight=outlier_weight)
     return out.reshape(x.shape[:-1] + (w_codes.shape[0],))
 
 

@@ -77,16 +77,17 @@ def llm_int8_shard(s: "_StaticInt8", batch: tuple, in_axes: tuple, x, codes_w, s
         mask = int8_quant.outlier_mask(x, threshold)
         if batch:  # a column is an outlier column if any row, on any device, holds an outlier
             mask = jax.lax.pmax(mask.astype(jnp.int32), batch).astype(bool)
+    outliers = {}
     if in_axes:
         codes, absmax = _quantize_rows_split(x, threshold, mask, in_axes)
+        if threshold > 0:
+            outliers = dict(x=x, outlier_idx=jnp.nonzero(mask, size=k, fill_value=0)[0].astype(jnp.int32),
+                            outlier_count=jnp.sum(mask, dtype=jnp.int32).reshape(1))
     elif threshold > 0:
-        codes, absmax = int8_launch.quantize_rowwise(x, threshold, mask, llm_int8_scale=True)
+        codes, absmax, columns, count = int8_launch.quantize_rows_outliers(x, threshold, mask)
+        outliers = dict(x=x, outlier_idx=columns, outlier_count=count)
     else:
         codes, absmax = int8_launch.quantize_rowwise(x, llm_int8_scale=True)
-    outliers = {}
-    if threshold > 0:
-        outliers = dict(x=x, outlier_idx=jnp.nonzero(mask, size=k, fill_value=0)[0].astype(jnp.int32),
-                        outlier_count=jnp.sum(mask, dtype=jnp.int32).reshape(1))
     local_bias = None if in_axes else bias
     out = int8_launch.int8_matmul_dequant(codes, codes_w, absmax, scale_w, local_bias, out_dtype=x.dtype, **outliers)
     if not in_axes:

@@ -110,6 +110,22 @@ def test_llm_int8_row_quantizer_matches_bitsandbytes_rules():
         np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
 
 
+@pytest.mark.parametrize("rows", [1, 4, 300])
+def test_outlier_quantizer_lists_the_outlier_columns(rows):
+    # 1 and 4 rows: one program finds the mask itself; 300 rows: the mask comes from XLA first.
+    from qflax_kernels import int8_launch, int8_quant
+
+    assert int8_quant.outliers_fit_one_program(rows, 4096) == (rows < 300)
+    x = _normal(15, (rows, 4096), "bfloat16").at[rows - 1, jnp.asarray([17, 4000])].set(9.0).at[0, 3].set(-6.0)
+    ref_codes, ref_absmax, mask = _llm_rows_ref(x, 6.0)
+    codes, absmax, columns, count = jax.jit(lambda x: int8_launch.quantize_rows_outliers(x, 6.0))(x)
+    _assert_codes_close(codes, ref_codes)
+    np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+    want = np.nonzero(np.asarray(mask))[0]
+    assert list(want) == [3, 17, 4000] and np.asarray(count).tolist() == [3]
+    np.testing.assert_array_equal(np.asarray(columns), np.concatenate([want, np.nonzero(~np.asarray(mask))[0]]))
+
+
 def _xla_llm_int8(x, w_codes, w_scale, threshold, w_float=None):
     codes, stats, mask = _llm_rows_ref(x, threshold)
     out = int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(codes, w_codes), stats, w_scale)

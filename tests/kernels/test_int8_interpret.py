@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from qflax.quant import int8 as int8_ref  # noqa: E402
 from qflax.quant import switchback as sb_ref  # noqa: E402
-from qflax_kernels import int8_specs, torch_launch  # noqa: E402
+from qflax_kernels import int8_quant, int8_specs, torch_launch  # noqa: E402
 
 # Small tiles so that 3-D grids, tails and several K steps all happen on tiny shapes.
 SMALL_GEMM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
@@ -88,11 +88,16 @@ def test_gemm_vectorwise_matches_reference(M, N, K, with_bias):
     assert not np.isnan(got).any()
 
 
-@pytest.mark.parametrize("M", [1, 16, 17])
-def test_gemm_default_tiles_match_reference(M):
-    """The tiles gemm_config picks itself (decode: 16x32x256), K with a tail, N not a multiple of 32."""
+@pytest.mark.parametrize("M,K", [(1, 300), (3, 1024), (16, 300), (17, 300)])
+def test_gemm_default_tiles_match_reference(M, K):
+    """The tiles gemm_config picks itself (decode: 16x32x512, rows below the tile not loaded), K with
+    and without a tail, N not a multiple of 32."""
+    from qflax_kernels import int8_gemm
+
+    _, meta = int8_gemm.gemm_meta(M, 70, K, has_bias=False, b_scale_global=False, has_outliers=False)
+    assert meta["PAD_ROWS"] == (M != 16) and meta["EVEN_K"] == (K == 1024)  # 17 rows: a 64-row tile
     rng = np.random.default_rng(M)
-    N, K = 70, 300
+    N = 70
     a, b = _int8(rng, (M, K)), _int8(rng, (N, K))
     a_scale = rng.uniform(0.1, 3, M).astype(np.float32)
     b_scale = rng.uniform(0.1, 3, N).astype(np.float32)
@@ -229,6 +234,50 @@ def test_quantize_rows_with_outliers_matches_llm_int8_semantics(M):
     np.testing.assert_array_equal(codes, codes_ref)
     np.testing.assert_array_equal(absmax, stats_ref)
     assert not codes[:, [4, 31]].any() and absmax[M - 1] == 5.0
+
+
+def _rows_outliers(x, threshold, col_mask=None):
+    M, K = x.shape
+    spec = int8_specs.rows_outliers_launch(M, K, threshold=threshold, find_mask=col_mask is None)
+    mask = _t(x) if col_mask is None else _t(np.asarray(col_mask).astype(np.int8))
+    codes, absmax, columns, count = torch_launch.run(spec, [_t(x), mask], poison=True)
+    return codes.numpy(), absmax.numpy(), columns.numpy(), count.numpy()
+
+
+@pytest.mark.parametrize("M,K,find_mask", [(1, 300, True), (6, 50, True), (600, 50, False), (1, 40, False)])
+def test_outlier_quantizer_gives_codes_and_outlier_columns_first(M, K, find_mask):
+    # The kernel that quantizes and lists the outlier columns (found by itself when it holds every
+    # row, else from the mask) against the XLA reference and numpy's nonzero.
+    # (600, 50): too many rows for one program, so the mask is an input; (1, 40): a mask given anyway.
+    assert int8_quant.outliers_fit_one_program(M, K) == (M < 600)
+    rng = np.random.default_rng(M * K)
+    x = rng.normal(size=(M, K)).astype(np.float32)  # |x| < 6 everywhere but where planted
+    x[M // 2, [4, K - 1]] = [8.0, -6.5]
+    x[M - 1, 7] = 6.0  # exactly the threshold: an outlier (>=)
+    x[0, 9] = np.nan  # NaN is no outlier: its row gets scale NaN, codes 0
+    codes_ref, stats_ref, mask = (np.asarray(a) for a in int8_ref.int8_vectorwise_quant(jnp.asarray(x), 6.0))
+    codes, absmax, columns, count = _rows_outliers(x, 6.0, None if find_mask else mask)
+    assert np.isnan(absmax[0]) and not codes[0].any()
+    np.testing.assert_array_equal(codes, codes_ref)
+    np.testing.assert_array_equal(absmax, stats_ref)
+    want = np.nonzero(mask)[0]
+    assert list(want) == sorted({4, 7, K - 1}) and count.tolist() == [len(want)]
+    np.testing.assert_array_equal(columns[: len(want)], want)
+    np.testing.assert_array_equal(columns[len(want):], np.nonzero(~mask)[0])  # the rest, in order
+
+
+def test_outlier_quantizer_without_outliers_lists_every_column_in_order():
+    x = np.linspace(-1, 1, 3 * 20, dtype=np.float32).reshape(3, 20)
+    codes, absmax, columns, count = _rows_outliers(x, 6.0)
+    np.testing.assert_array_equal(codes, _llm_int8_rows_numpy(x, 6.0)[0])
+    assert count.tolist() == [0] and columns.tolist() == list(range(20))
+
+
+def test_outlier_quantizer_refuses_a_mask_search_over_several_programs():
+    with pytest.raises(ValueError, match="find_mask"):
+        int8_specs.rows_outliers_launch(64, 4096, threshold=6.0, find_mask=True)
+    with pytest.raises(ValueError, match="threshold"):
+        int8_specs.rows_outliers_launch(1, 64, threshold=0.0, find_mask=True)
 
 
 def _scaled(x, per_column, transpose):

@@ -55,6 +55,14 @@ class Recorder:
             codes = jnp.where(col_mask.astype(bool)[None, :], jnp.int8(0), codes)
         return codes, absmax
 
+    def quantize_rows_outliers(self, x, threshold, col_mask=None):
+        self.calls.append(("quantize_rows_outliers", tuple(x.shape), True))
+        mask = int8_quant.outlier_mask(x, threshold) if col_mask is None else col_mask.astype(bool)
+        codes, absmax = self.quantize_rowwise(x, threshold, mask, llm_int8_scale=True)
+        self.calls.pop()  # one call recorded, not two
+        columns = jnp.argsort(~mask, stable=True).astype(jnp.int32)
+        return codes, absmax, columns, jnp.sum(mask, dtype=jnp.int32).reshape(1)
+
     def int8_matmul_dequant(self, a, b, a_scale, b_scale, bias=None, out_dtype=jnp.float32, x=None,
                             outlier_idx=None, outlier_count=None, outlier_weight=None, config=None):
         self.calls.append(("int8_matmul_dequant", tuple(b.shape), x is not None))
@@ -82,6 +90,7 @@ def install(monkeypatch) -> Recorder:
     monkeypatch.setattr(fourbit_jax, "matmul_4bit", recorder.matmul_4bit)
     monkeypatch.setattr(fourbit_jax, "grad_input_4bit", recorder.grad_input_4bit)
     monkeypatch.setattr(int8_launch, "quantize_rowwise", recorder.quantize_rowwise)
+    monkeypatch.setattr(int8_launch, "quantize_rows_outliers", recorder.quantize_rows_outliers)
     monkeypatch.setattr(int8_launch, "int8_matmul_dequant", recorder.int8_matmul_dequant)
     monkeypatch.setattr(dispatch, "kernel_runtime", lambda: "interpreter")
     return recorder

@@ -57,6 +57,22 @@ def test_frozen_forward_matches_the_jax_kernel_bit_for_bit(threshold, rows, dtyp
         assert ours_idx.tolist() == [3, 50] and torch.equal(ours_idx, layer.state.idx)
 
 
+@pytest.mark.parametrize("rows", [1, 400])
+def test_eager_forward_takes_idx_from_the_quantizer_kernel(rows, gen):
+    # Without autograd the direct path calls the op's body, whose quantizer kernel lists the
+    # outlier columns (found in the kernel for 1 row; from the mask for 400 rows, too many for one
+    # program); idx must still be bitsandbytes' sorted indices and the output the JAX kernel path's.
+    layer = make_layer(6.0)
+    x = make_input(rows, torch.float16, gen, outliers=(50, 3, 95))
+    with torch.no_grad():
+        ours = paths.direct(layer, x, OP)
+        assert isinstance(layer.state.__dict__["_idx_columns"], tuple)  # the kernel's columns, not a mask
+        idx = layer.state.idx
+        theirs = paths.jax_kernel(layer, x, OP)
+    assert idx.dtype == torch.int64 and idx.tolist() == [3, 50, 95]
+    assert torch.equal(ours, theirs)
+
+
 def test_outliers_change_the_result(gen):
     # the outlier columns' float product is really taken: without it the error is far larger
     x = make_input(5, torch.float32, gen)
