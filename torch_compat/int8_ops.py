@@ -69,6 +69,12 @@ def llm_int8_with_outliers(x2: Tensor, w_codes: Tensor, w_scale: Tensor, bias: O
                            threshold: float) -> tuple:
     """The LLM.int8 product of a 2-D ``x2 (M, K)`` and, with a threshold, its outlier columns.
 
+    Args:
+      x2: (M, K) float16/bfloat16/float32 activations.
+      w_codes: int8 (N, K) weight codes (CB); w_scale: (N,) row absmax (SCB).
+      bias: optional (N,) in x2's dtype.
+      threshold: outlier threshold (0: none).
+
     Returns:
       ``(out, columns, count)``: out ``(M, N)`` in x2's dtype (bias included); with
       ``threshold > 0`` the int32 columns with the outlier columns first (increasing) and their
