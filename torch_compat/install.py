@@ -36,6 +36,9 @@ NAME = "bitsandbytes"
 BITSANDBYTES_VERSION = "0.49.2"
 # Submodules code imports by name (``from bitsandbytes.nn import Linear4bit``).
 _SUBMODULES = ("nn", "functional", "utils")
+# bitsandbytes' own module paths that are the same objects as a submodule above (the layers are
+# defined in ``bitsandbytes.nn.modules``; code and tests import them from there too).
+_ALIASES = {"nn.modules": "nn"}
 # Availability checks of other libraries that cache their answer: (module, function).
 _CACHED_CHECKS = (
     ("transformers.utils.import_utils", "is_bitsandbytes_available"),
@@ -123,6 +126,8 @@ def install_as_bitsandbytes(replace: bool = False) -> types.ModuleType:
     sys.modules[NAME] = module
     for name in _SUBMODULES:
         sys.modules[f"{NAME}.{name}"] = getattr(torch_compat, name)
+    for alias, name in _ALIASES.items():
+        sys.modules[f"{NAME}.{alias}"] = getattr(torch_compat, name)
     sys.meta_path.insert(0, _MetadataFinder())
     _clear_cached_checks()
     return module
@@ -132,7 +137,7 @@ def uninstall() -> None:
     """Undoes :func:`install_as_bitsandbytes` (the next ``import bitsandbytes`` finds the real one, if any)."""
     if not is_installed():
         return
-    for key in [NAME, *(f"{NAME}.{name}" for name in _SUBMODULES)]:
+    for key in [NAME, *(f"{NAME}.{name}" for name in (*_SUBMODULES, *_ALIASES))]:
         sys.modules.pop(key, None)
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _MetadataFinder)]
     _clear_cached_checks()

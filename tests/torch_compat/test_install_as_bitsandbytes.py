@@ -112,13 +112,16 @@ def test_install_and_uninstall_in_process(no_bitsandbytes_modules):
     assert bitsandbytes is module and isinstance(module, types.ModuleType)
     assert bitsandbytes.nn is torch_compat.nn and Linear4bit is torch_compat.nn.Linear4bit
     assert bitsandbytes.functional is torch_compat.functional and bitsandbytes.matmul_4bit is torch_compat.matmul_4bit
+    from bitsandbytes.nn.modules import Linear8bitLt  # where bitsandbytes defines its layers
+
+    assert Linear8bitLt is torch_compat.nn.Linear8bitLt
     assert importlib.util.find_spec("bitsandbytes") is not None
     # the version comes from the stand-in's own metadata, whether or not bitsandbytes' distribution is installed
     assert isinstance(importlib.metadata.distribution("bitsandbytes"), install._Distribution)
     assert importlib.metadata.version("bitsandbytes") == install.BITSANDBYTES_VERSION
     assert torch_compat.install_as_bitsandbytes() is module  # idempotent
     install.uninstall()
-    assert not install.is_installed() and "bitsandbytes" not in sys.modules
+    assert not install.is_installed() and not [k for k in sys.modules if k.startswith("bitsandbytes")]
     assert not isinstance(next(iter(importlib.metadata.distributions(name="bitsandbytes")), None), install._Distribution)
 
 
