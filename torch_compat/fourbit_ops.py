@@ -35,6 +35,13 @@ def _grad_input_launch(m: int, n: int, k: int, blocksize: int, dtype: str, neste
     return fourbit_launch.grad_input_launch(m, n, k, blocksize, g_dtype=dtype, nested=nested)
 
 
+def matmul_launch_for(x: Tensor, out_features: int, blocksize: int, nested: bool, has_bias: bool):
+    """The forward launch :func:`matmul_4bit_body` runs for a 2-D ``x`` (the same cached object)."""
+    m, k = x.shape
+    return _matmul_launch(m, out_features, k, blocksize, kernel_launch.dtype_name(x.dtype), nested, has_bias,
+                          kernel_launch.sm_count(x.device))
+
+
 def matmul_4bit_body(x: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tensor, nested_map: Optional[Tensor],
                 nested_absmax: Optional[Tensor], nested_offset: Optional[Tensor], bias: Optional[Tensor],
                 out_features: int, blocksize: int) -> Tensor:
@@ -58,8 +65,7 @@ def matmul_4bit_body(x: Tensor, packed: Tensor, absmax: Tensor, quant_map: Tenso
     m, k = x.shape
     if m == 0:
         return x.new_empty((0, out_features))
-    launch = _matmul_launch(m, out_features, k, blocksize, kernel_launch.dtype_name(x.dtype),
-                            nested_absmax is not None, bias is not None, kernel_launch.sm_count(x.device))
+    launch = matmul_launch_for(x, out_features, blocksize, nested_absmax is not None, bias is not None)
     weight = fourbit_launch.weight_inputs(packed, absmax, quant_map, nested_map, nested_absmax, nested_offset)
     out, _, _ = kernel_launch.run(launch, fourbit_launch.matmul_inputs(x, weight, bias))
     return out

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from qflax_kernels import fourbit_launch, torch_launch
 from torch_compat import cuda_weights, direct_path, fourbit_ops, int8_ops
 from torch_compat.autograd import outlier_columns
 from torch_compat.kernel_launch import body_suffices, call, dtype_name
@@ -18,6 +19,56 @@ from torch_compat.kernel_launch import body_suffices, call, dtype_name
 
 def _dtype(dtype) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).replace("torch.", ""))
+
+
+class _EagerPlan4bit:
+    """What the last plain eager ``linear_4bit`` call of a layer decided, replayed while the next call looks the same.
+
+    A host-bound decode step spends most of a layer call in Python: the support and policy
+    checks, the launch lookup and the generic launcher plumbing. The plan keeps their outcome
+    (the launch) and is valid while x has the same shape, dtype and device, the layer the same
+    weight, QuantState, bias and compute dtype, and the same backend is asked for; a call that
+    needs the custom op (autograd, torch.compile, a mode) never uses it. The weight views still
+    come from ``cuda_weights`` each call, whose cache sees replaced tensors and in-place writes.
+    """
+
+    __slots__ = ("shape", "dtype", "device", "weight", "state", "absmax", "bias", "compute_attr", "compute",
+                 "backend", "launch", "k", "n", "poison")
+
+    def __init__(self, layer, x, compute, backend, launch, k, n):
+        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self.weight, self.state, self.bias = layer.weight, layer.weight.quant_state, layer.bias
+        self.absmax, self.compute_attr, self.compute = self.state.absmax, layer.compute_dtype, compute
+        self.backend, self.launch, self.k, self.n = backend, launch, k, n
+        self.poison = x.device.type == "cpu"  # the interpreter: unwritten outputs show, as in kernel_launch.run
+
+    def __reduce__(self):
+        # Derived data, like the weight caches: a copied or pickled layer starts without a plan.
+        return _no_plan, ()
+
+    def matches(self, layer, x) -> bool:
+        weight = layer.weight
+        return (x.shape == self.shape and x.dtype == self.dtype and x.device == self.device
+                and weight is self.weight and weight.quant_state is self.state and self.state.absmax is self.absmax
+                and layer.bias is self.bias and layer.compute_dtype is self.compute_attr
+                and (x.device.type != "cuda" or x.device.index in (None, torch.cuda.current_device()))
+                and body_suffices(x, self.bias) and direct_path._requested_backend() == self.backend)
+
+    def run(self, layer, x) -> torch.Tensor:
+        x2 = x.reshape(-1, self.k)
+        if x2.dtype != self.compute:
+            x2 = x2.to(self.compute)
+        weight = fourbit_launch.weight_inputs(*cuda_weights.fourbit_weight(layer))
+        outputs = torch_launch.allocate_outputs(self.launch, x.device, poison=self.poison)
+        torch_launch.launch_into(self.launch, fourbit_launch.matmul_inputs(x2.contiguous(), weight, self.bias),
+                                 outputs)
+        direct_path._record(direct_path.LINEAR_4BIT, direct_path.KERNEL)
+        out = outputs[0].reshape(*x.shape[:-1], self.n)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _no_plan() -> None:
+    return None
 
 
 def linear_4bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -30,6 +81,9 @@ def linear_4bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     Returns:
       ``(..., out_features)`` of x's dtype, or None.
     """
+    plan = layer.__dict__.get("_eager_plan")
+    if plan is not None and plan.matches(layer, x):
+        return plan.run(layer, x)
     state = getattr(layer.weight, "quant_state", None)
     # The state's device is the weight's (they move together); a plain tensor's is cheaper to read.
     if state is None or state.shape is None or len(state.shape) != 2 or state.absmax.device != x.device:
@@ -47,8 +101,14 @@ def linear_4bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     x2 = x.reshape(-1, k)
     if x2.dtype != compute:
         x2 = x2.to(compute)
-    out = call(torch.ops.qflax.matmul_4bit, fourbit_ops.matmul_4bit_body, x2.contiguous(),
-               *cuda_weights.fourbit_weight(layer), layer.bias, n, blocksize)
+    weight = cuda_weights.fourbit_weight(layer)
+    out = call(torch.ops.qflax.matmul_4bit, fourbit_ops.matmul_4bit_body, x2.contiguous(), *weight, layer.bias, n,
+               blocksize)
+    if body_suffices(x, layer.bias) and not torch.compiler.is_compiling():
+        launch = fourbit_ops.matmul_launch_for(x2, n, blocksize, weight.nested_absmax is not None,
+                                               layer.bias is not None)
+        layer.__dict__["_eager_plan"] = _EagerPlan4bit(layer, x, compute, direct_path._requested_backend(), launch,
+                                                       k, n)
     out = out.reshape(*x.shape[:-1], n)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 

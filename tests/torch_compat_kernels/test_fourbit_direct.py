@@ -136,6 +136,43 @@ def test_weights_are_converted_once_and_follow_in_place_writes(gen, monkeypatch)
     assert torch.equal(halved, paths.jax_kernel(layer, x, OP))
 
 
+def test_eager_plan_replays_the_first_calls_decisions_until_something_changes(gen, monkeypatch):
+    # After one plain eager call a layer keeps its launch decision (kernel_layers._EagerPlan4bit);
+    # the next same-looking call skips the checks, and any change of input, backend, bias or need
+    # for autograd goes back through them.
+    from qflax.ops import use_backend
+    from torch_compat import kernel_layers
+
+    layer = make_layer("nf4", 64, True)
+    x = torch.randn(3, K, generator=gen)
+    with torch.no_grad():
+        first = paths.direct(layer, x, OP)
+        assert isinstance(layer.__dict__.get("_eager_plan"), kernel_layers._EagerPlan4bit)
+        checks = []
+        real_use_kernel = direct_path.use_kernel
+        monkeypatch.setattr(direct_path, "use_kernel", lambda *a: checks.append(a) or real_use_kernel(*a))
+        assert torch.equal(paths.direct(layer, x, OP), first) and not checks  # replayed: no checks
+        assert direct_path.last_path(OP) == direct_path.KERNEL
+        paths.direct(layer, torch.randn(4, K, generator=gen), OP)  # another shape: checked again
+        assert len(checks) == 1
+        with use_backend("xla"):  # another backend asked for: the DLPack path, as without a plan
+            assert paths.relative_error(layer(x), first) < TOLERANCE[torch.float32]
+        assert direct_path.last_path(OP) == direct_path.DLPACK
+        layer.bias = torch.nn.Parameter(layer.bias + 1.0, requires_grad=False)  # a replaced bias is seen
+        assert torch.allclose(paths.direct(layer, x, OP), first + 1.0, atol=1e-5)
+    import copy
+    import pickle
+
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):  # copies start without a plan
+        assert twin.__dict__.get("_eager_plan") is None
+        with torch.no_grad():
+            assert torch.equal(paths.direct(twin, x, OP), paths.direct(layer, x, OP))
+    xg = x.clone().requires_grad_()
+    out = paths.direct(layer, xg, OP, torch.ones(3, N))  # autograd needs the custom op: no plan
+    (grad,) = paths.grads(xg)
+    assert out.grad_fn is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_state_dict_keeps_bitsandbytes_bytes(gen):
     layer = make_layer("nf4", 64, True)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
