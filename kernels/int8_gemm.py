@@ -73,10 +73,8 @@ def int8_matmul_dequant_kernel(
         # Fewer rows than the tile (decode): wrapped rows would make every program ask the same
         # few L2 lines for x BLOCK_M times over; the padding rows are not loaded at all instead.
         ram = tl.minimum(rm, M - 1).to(tl.int64)
-        a_rows_ok = rm < M
     else:
         ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M).to(tl.int64)
-        a_rows_ok = rm >= 0
     rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N).to(tl.int64)
     a_ptrs = a_ptr + ram[:, None] * K + rk[None, :]
     b_ptrs = b_ptr + rbn[:, None] * K + rk[None, :]
@@ -85,13 +83,16 @@ def int8_matmul_dequant_kernel(
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             if PAD_ROWS:
-                a = tl.load(a_ptrs, mask=a_rows_ok[:, None], other=0)
+                a = tl.load(a_ptrs, mask=(rm < M)[:, None], other=0)
             else:
                 a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
             k_ok = rk < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=a_rows_ok[:, None] & k_ok[None, :], other=0)
+            if PAD_ROWS:
+                a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0)
+            else:
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
             b = tl.load(b_ptrs, mask=k_ok[None, :], other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K

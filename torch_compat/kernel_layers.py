@@ -140,22 +140,21 @@ def linear_8bit(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     threshold = float(layer.state.threshold)
     x2 = x.reshape(-1, k).contiguous()
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    sets_idx = threshold > 0 and not torch.compiler.is_compiling() and not _capturing(x)
+    listed = None  # the quantizer kernel's (columns, count), where the op's body ran here
     if trainable:
         out = call(torch.ops.qflax.llm_int8_matmul_trainable, int8_ops.llm_int8_matmul_trainable_body, x2,
                    weight.contiguous(), bias, threshold)
-        if threshold > 0 and not torch.compiler.is_compiling() and not _capturing(x):
-            layer.state.defer_idx(outlier_columns(x, threshold))
     else:
         codes, scale = cuda_weights.int8_weight(layer, *layer._int8_weight())
-        if threshold > 0 and body_suffices(x2, codes, scale, bias) and not _capturing(x):
+        if sets_idx and body_suffices(x2, codes, scale, bias):
             # Plain eager code: the op's body, whose quantizer also lists the outlier columns for idx.
-            out, columns, count = int8_ops.llm_int8_with_outliers(x2, codes, scale, bias, threshold)
-            layer.state.defer_idx(columns, count)
+            out, *listed = int8_ops.llm_int8_with_outliers(x2, codes, scale, bias, threshold)
         else:
             out = call(torch.ops.qflax.llm_int8_matmul, int8_ops.llm_int8_matmul_body, x2, codes, scale, bias,
                        threshold)
-            if threshold > 0 and not torch.compiler.is_compiling() and not _capturing(x):
-                layer.state.defer_idx(outlier_columns(x, threshold))
+    if sets_idx:
+        layer.state.defer_idx(*(listed or (outlier_columns(x, threshold),)))
     return out.reshape(*x.shape[:-1], n)
 
 
