@@ -142,9 +142,9 @@ def quantize_rows_outliers(
     Returns:
       ``(codes, absmax, columns, count)``: codes and absmax as
       ``qflax.quant.int8.int8_vectorwise_quant(x, threshold)`` gives them; ``columns`` int32
-      ``(K,)`` holds the outlier columns first and then the others, each part in increasing
-      order; ``count`` int32 ``(1,)`` is the number of outlier columns. ``columns`` and ``count``
-      are the GEMM's ``outlier_idx`` and ``outlier_count``.
+      ``(K,)`` holds the outlier columns in increasing order in its first ``count`` entries
+      (the rest is not written); ``count`` int32 ``(1,)`` is the number of outlier columns.
+      ``columns`` and ``count`` are the GEMM's ``outlier_idx`` and ``outlier_count``.
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")

@@ -110,7 +110,7 @@ def quantize_rows_outliers_kernel(
     M,  # runtime scalar: after the array inputs, before the outputs (qflax_kernels.launch)
     codes_ptr,  # int8 (M, K)
     absmax_ptr,  # float32 (M,)
-    columns_ptr,  # int32 (K,): the outlier columns first, then the others, each part increasing
+    columns_ptr,  # int32 (K,): the outlier columns in increasing order, then unspecified
     count_ptr,  # int32 (1,): how many outlier columns
     K: tl.constexpr,
     FIND_MASK: tl.constexpr,
@@ -123,9 +123,9 @@ def quantize_rows_outliers_kernel(
     Codes and absmax are those of ``quantize_rows_kernel`` with the mask (bitsandbytes' scale
     ``127 * (1 / absmax)``). With ``FIND_MASK`` (the grid is one program holding every row) the
     column mask is found here, ``any(|x| >= THRESHOLD)`` over the rows, instead of read. Program 0
-    also writes the stable partition of the columns, outliers first: the first ``count`` entries
-    are what ``nonzero(mask)`` gives, without the scatter and prefix sums XLA and torch spend on
-    it (and without a host read).
+    also lists the outlier columns: the first ``count`` entries of ``columns`` are what
+    ``nonzero(mask)`` gives, without the scatter and prefix sums XLA and torch spend on it (and
+    without a host read); the entries after them are not written.
     """
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -148,10 +148,10 @@ def quantize_rows_outliers_kernel(
     tl.store(codes_ptr + offs, codes, mask=ok)
     tl.store(absmax_ptr + rm, absmax, mask=rm < M)
     if pid == 0:
-        regular = tl.where(k_ok, 1 - col, 0)
+        # Only the outlier columns are listed (one prefix sum, ``count`` stores): the GEMM and
+        # ``state.idx`` read no further, and outliers are few.
         count = tl.sum(col, axis=0)
-        position = tl.where(col != 0, tl.cumsum(col, 0) - 1, count + tl.cumsum(regular, 0) - 1)
-        tl.store(columns_ptr + position, rk, mask=k_ok)
+        tl.store(columns_ptr + tl.cumsum(col, 0) - 1, rk, mask=col != 0)
         tl.store(count_ptr + tl.arange(0, 1), tl.full((1,), 0, tl.int32) + count)
 
 

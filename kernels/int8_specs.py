@@ -44,7 +44,7 @@ def rows_launch(m: int, k: int, *, threshold: float, llm_int8_scale: bool) -> La
 
 def rows_outliers_launch(m: int, k: int, *, threshold: float, find_mask: bool) -> Launch:
     """``quantize_rows_outliers_kernel``: inputs x ``(m, k)``, col_mask (not read with ``find_mask``);
-    outputs codes ``(m, k)`` int8, absmax ``(m,)``, columns ``(k,)`` int32 (outliers first), count ``(1,)`` int32."""
+    outputs codes ``(m, k)`` int8, absmax ``(m,)``, columns ``(k,)`` int32 (the outlier columns, then unwritten), count ``(1,)`` int32."""
     grid, meta = int8_quant.rows_outliers_meta(m, k, threshold=threshold, find_mask=find_mask)
     return _from_meta(int8_quant.quantize_rows_outliers_kernel, grid, meta,
                       outputs=(Output((m, k), "int8"), Output((m,), "float32"), Output((k,), "int32"),

@@ -47,9 +47,9 @@ class MatmulLtState:
         synchronisation, as bitsandbytes' callers rarely read ``idx``.
 
         Args:
-          columns: a boolean ``(in_features,)`` column mask; or, with ``count``, the int32
-            columns with the outlier columns first in increasing order (the int8 quantizer
-            kernel's partition).
+          columns: a boolean ``(in_features,)`` column mask; or, with ``count``, int32 columns
+            whose first ``count`` entries are the outlier columns in increasing order (the int8
+            quantizer kernel's list).
           count: int32 ``(1,)``, the number of outlier columns at the front of ``columns``.
         """
         self.__dict__["idx"] = None

@@ -5,8 +5,8 @@ of ``qflax_kernels.int8_specs``: the fused row quantizer (bitsandbytes' ``127 * 
 scale, outlier elements out of the row absmax, outlier columns' codes zeroed), then the int8 GEMM
 whose epilogue dequantizes, adds the outlier columns' float product (the int8 weight columns
 dequantized in the kernel) and the bias. The outlier columns are found on the device, by the
-quantizer kernel: their indices are the first ``count`` entries of a stable partition of the
-columns it writes, so nothing is read on the host and every shape is static (torch.compile and
+quantizer kernel: their indices are the first ``count`` entries of the column list it writes,
+so nothing is read on the host and every shape is static (torch.compile and
 CUDA graphs take the ops as they are).
 
 Backward passes follow ``qflax.ops.int8_matmul``: the input gradient ``G @ dequant(W)`` in x's
@@ -56,7 +56,7 @@ def _quantize_rows(x2: Tensor) -> tuple:
 
 
 def _quantize_rows_outliers(x2: Tensor, threshold: float) -> tuple:
-    """codes, absmax, the columns with the outliers first (int32 ``(K,)``) and their count (int32 ``(1,)``)."""
+    """codes, absmax, the outlier columns (the first ``count`` of int32 ``(K,)``) and their count (int32 ``(1,)``)."""
     launch, find_mask = _rows_outliers_launch(x2.shape[0], x2.shape[1], float(threshold))
     if find_mask:  # one program holds every row and finds the column mask: x2 stands in for its pointer
         return kernel_launch.run(launch, [x2, x2])
@@ -77,8 +77,9 @@ def llm_int8_with_outliers(x2: Tensor, w_codes: Tensor, w_scale: Tensor, bias: O
 
     Returns:
       ``(out, columns, count)``: out ``(M, N)`` in x2's dtype (bias included); with
-      ``threshold > 0`` the int32 columns with the outlier columns first (increasing) and their
-      int32 ``(1,)`` count, found on the device (``MatmulLtState.defer_idx`` takes them), else None, None.
+      ``threshold > 0`` int32 ``(K,)`` whose first ``count`` entries are the outlier columns
+      (increasing) and that int32 ``(1,)`` count, found on the device (``MatmulLtState.defer_idx``
+      takes them), else None, None.
     """
     x2, w_codes = x2.contiguous(), w_codes.contiguous()  # no-ops for the callers; a compiler may pass other strides
     m, k = x2.shape
