@@ -22,6 +22,8 @@ transposed if asked). These run on weights, which are small next to activations.
 import triton
 import triton.language as tl
 
+from qflax_kernels.launch import is_interpreted
+
 # Longest row the single-pass row quantizer holds in registers.
 MAX_ROW_K = 32768
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
@@ -49,7 +51,22 @@ def _absmax(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _scaled_codes(x, absmax, RECIPROCAL_SCALE: tl.constexpr = False):
+def _product_rn(a, b, USE_ASM: tl.constexpr):
+    """``a * b`` rounded to float32 by itself: never contracted with the add that follows into an FMA.
+
+    Triton's launchers compile these kernels without contraction (``enable_fp_fusion=False``), but
+    XLA's own Triton pipeline (``xla_pipeline`` launches) takes no such flag; PTX ``mul.rn`` is
+    never fused by ptxas. The interpreter (``USE_ASM=False``) rounds numpy's product.
+    """
+    if USE_ASM:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def _scaled_codes(x, absmax, RECIPROCAL_SCALE: tl.constexpr, USE_ASM: tl.constexpr):
     """int8 codes of ``x`` against its unit's ``absmax`` (broadcast), 0 where absmax is 0 or NaN."""
     factor = tl.where(absmax > _LIMIT, _INV_LIMIT, 1.0)
     factor = tl.where((absmax < _INV_LIMIT) & (absmax > 0.0), _LIMIT, factor)
@@ -61,7 +78,7 @@ def _scaled_codes(x, absmax, RECIPROCAL_SCALE: tl.constexpr = False):
         scale = tl.full(safe.shape, 127.0, tl.float32) * tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
     else:
         scale = tl.math.div_rn(tl.full(safe.shape, 127.0, tl.float32), safe)
-    codes = _round_to_int8(tl.where(usable, (x * factor) * scale, 0.0))
+    codes = _round_to_int8(tl.where(usable, _product_rn(x * factor, scale, USE_ASM), 0.0))
     return tl.where(usable, codes, 0).to(tl.int8)
 
 
@@ -82,6 +99,7 @@ def quantize_rows_kernel(
     HAS_MASK: tl.constexpr,
     THRESHOLD: tl.constexpr,
     RECIPROCAL_SCALE: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -95,7 +113,7 @@ def quantize_rows_kernel(
         # codes of every outlier column are zeroed (their products run in float instead).
         x = tl.where(tl.abs(x) >= THRESHOLD, 0.0, x)
     absmax = _absmax(x, 1)
-    codes = _scaled_codes(x, absmax[:, None], RECIPROCAL_SCALE)
+    codes = _scaled_codes(x, absmax[:, None], RECIPROCAL_SCALE, USE_ASM)
     if HAS_MASK:
         zeroed = tl.load(col_mask_ptr + rk, mask=rk < K, other=0)
         codes = tl.where(zeroed[None, :] != 0, 0, codes).to(tl.int8)
@@ -115,6 +133,7 @@ def quantize_rows_outliers_kernel(
     K: tl.constexpr,
     FIND_MASK: tl.constexpr,
     THRESHOLD: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -143,7 +162,7 @@ def quantize_rows_outliers_kernel(
     # (their products run in float in the GEMM).
     x = tl.where(outlier, 0.0, x)
     absmax = _absmax(x, 1)
-    codes = _scaled_codes(x, absmax[:, None], True)
+    codes = _scaled_codes(x, absmax[:, None], True, USE_ASM)
     codes = tl.where(col[None, :] != 0, 0, codes).to(tl.int8)
     tl.store(codes_ptr + offs, codes, mask=ok)
     tl.store(absmax_ptr + rm, absmax, mask=rm < M)
@@ -197,6 +216,7 @@ def quantize_scaled_kernel(
     N: tl.constexpr,
     PER_COLUMN: tl.constexpr,
     TRANSPOSE: tl.constexpr,
+    USE_ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -208,11 +228,16 @@ def quantize_scaled_kernel(
         absmax = tl.load(absmax_ptr + rn, mask=rn < N, other=0.0)
     else:
         absmax = tl.load(absmax_ptr + tl.zeros((BLOCK_N,), dtype=tl.int32))
-    codes = _scaled_codes(x, absmax[None, :])
+    codes = _scaled_codes(x, absmax[None, :], False, USE_ASM)
     if TRANSPOSE:
         tl.store(codes_ptr + rn.to(tl.int64)[None, :] * M + rm[:, None], codes, mask=ok)
     else:
         tl.store(codes_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], codes, mask=ok)
+
+
+def _use_asm() -> bool:
+    """Inline PTX (the rounded product) where the kernels are compiled; the interpreter cannot run it."""
+    return not is_interpreted(quantize_rows_kernel)
 
 
 def rows_meta(
@@ -231,7 +256,7 @@ def rows_meta(
     block_m = max(1, min(16, 4096 // block_k))
     num_warps = 4 if block_k * block_m <= 4096 else (8 if block_k <= 16384 else 16)
     meta = dict(K=K, HAS_MASK=threshold > 0, THRESHOLD=float(threshold), RECIPROCAL_SCALE=llm_int8_scale,
-                BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+                USE_ASM=_use_asm(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
     return (triton.cdiv(M, block_m),), meta
 
 
@@ -253,8 +278,8 @@ def rows_outliers_meta(M: int, K: int, *, threshold: float, find_mask: bool) -> 
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0 for the outlier quantizer, got {threshold}")
     (grid, meta) = rows_meta(M, K, threshold=threshold, llm_int8_scale=True)
-    meta = dict(K=K, FIND_MASK=find_mask, THRESHOLD=float(threshold), BLOCK_M=meta["BLOCK_M"],
-                BLOCK_K=meta["BLOCK_K"], num_warps=meta["num_warps"])
+    meta = dict(K=K, FIND_MASK=find_mask, THRESHOLD=float(threshold), USE_ASM=meta["USE_ASM"],
+                BLOCK_M=meta["BLOCK_M"], BLOCK_K=meta["BLOCK_K"], num_warps=meta["num_warps"])
     if find_mask:
         if not outliers_fit_one_program(M, K):
             raise ValueError(f"find_mask needs next_power_of_2(M) * next_power_of_2(K) <= {ONE_PROGRAM_ELEMENTS}, got M={M}, K={K}")
@@ -277,5 +302,6 @@ def absmax_meta(M: int, N: int, *, per_column: bool) -> tuple[tuple[int, int], d
 def scaled_meta(M: int, N: int, *, per_column: bool, transpose: bool) -> tuple[tuple[int, int], dict]:
     """(grid, keyword arguments) for :func:`quantize_scaled_kernel`."""
     block_m, block_n = 64, 64
-    meta = dict(N=N, PER_COLUMN=per_column, TRANSPOSE=transpose, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    meta = dict(N=N, PER_COLUMN=per_column, TRANSPOSE=transpose, USE_ASM=_use_asm(), BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=4)
     return (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), meta
