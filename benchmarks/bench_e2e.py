@@ -84,7 +84,7 @@ def torch_bf16_step_seconds(weights, shape, x_jax):
         return time_graph(lambda: stack(x), target_s=0.1)
 
 
-def bench_inference(results, shape, kinds, rows, path, deadline):
+def bench_inference(results, shape, kinds, rows, path, deadline, outlier_features=0):
     key = jax.random.key(0)
     weights = {(i, p): ls.bf16_weight(key, shape, i, p) for i in range(shape.layers) for p in ls.PROJECTIONS}
     baselines = {}
@@ -97,7 +97,7 @@ def bench_inference(results, shape, kinds, rows, path, deadline):
     for spec in kinds:
         # "kind@backend" forces a dispatch backend ("nf4@xla": the XLA path of the same model).
         kind, _, backend = spec.partition("@")
-        variables = ls.build_variables(kind, shape, weights=weights)
+        variables = ls.build_variables(kind, shape, weights=weights, outlier_features=outlier_features)
         model = ls.Decoder(shape, kind)
         for m in rows:
             if time.time() > deadline:
@@ -136,7 +136,7 @@ def bench_qlora(results, path, shape):
     weights = {(i, p): ls.bf16_weight(key, shape, i, p) for i in range(shape.layers) for p in ls.PROJECTIONS}
     times = {}
     for kind in ("lora_bf16", "lora_nf4"):
-        variables = ls.build_variables(kind, shape, weights=weights)
+        variables = ls.build_variables(kind, shape, weights=weights, outlier_features=outlier_features)
         model = ls.Decoder(shape, kind, remat=True)
         params = variables["params"]
         frozen = {k: v for k, v in variables.items() if k != "params"}
@@ -173,13 +173,17 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="a 2-layer 256-wide stack (a CPU smoke run)")
     parser.add_argument("--budget-s", type=float, default=500)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--outlier-features", type=int, default=0,
+                        help="plant this many systematic outlier features (RMSNorm gains, llama_stack.build_variables)")
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
     results = bench_env.results_header()
     path = args.out or bench_env.results_path("e2e")
     shape = ls.Shape(layers=2, hidden=256, kv=64, mlp=512, head_dim=32) if args.tiny else ls.Shape(layers=args.layers)
+    # The planted outlier features' columns (RMSNorm gains of every kind's model), [] for none.
+    results["outlier_features"] = ls.outlier_feature_columns(shape.hidden, args.outlier_features)
     bench_inference(results, shape, args.kinds.split(","),
-                    [int(r) for r in args.rows.split(",")], path, deadline)
+                    [int(r) for r in args.rows.split(",")], path, deadline, args.outlier_features)
     if not args.no_qlora and time.time() < deadline:
         bench_qlora(results, path, dataclasses.replace(shape, layers=min(shape.layers, QLORA_LAYERS)))
     bench_env.save_results(results, path)

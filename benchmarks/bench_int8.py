@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_env
 import qflax.ops as ops
 from qflax.ops import int8_kernels
 from qflax.quant import int8 as int8_ref
@@ -163,11 +164,17 @@ def bf16_baselines(M, K, N, dtype, L, with_torch=True):
 
 # Run 1 on the H100 (2026-11-25) tried 128x256x128 w8 s3/s4, 256x128x128 w8 s3, 128x128x128 w4/w8 s4,
 # 128x256x64 and 256x128x64 w8 s4: 128x256x128 w8 s4 was fastest at 8192^3 and 4096^3 (default now).
+# The H200 sweep adds shallower pipelines, wider groups, and tiles small enough for two programs
+# per SM (one program's epilogue then overlaps the other's main loop).
 GEMM_SWEEP = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=16, num_warps=8, num_stages=4),
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, num_ctas=2),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=6),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
 ]
 
 
@@ -183,7 +190,7 @@ def bench_gemm(res: Results, sizes, sweep: bool, dtype="bfloat16"):
         f_xla8 = jax.jit(lambda a, sa, ws, sws: [
             int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(a, w), sa, sw).astype(dtype) for w, sw in zip(ws, sws)])
         xla_int8 = time_jax(f_xla8, a, sa, ws, sws) / L
-        configs = GEMM_SWEEP if sweep and (M, N, K) in ((8192, 8192, 8192), (4096, 4096, 4096)) else [None]
+        configs = GEMM_SWEEP if sweep else [None]
         best = None
         for cfg in configs:
             f = jax.jit(lambda a, sa, ws, sws, cfg=cfg: [
@@ -253,11 +260,16 @@ def bench_llm_int8(res: Results, shapes, dtypes, bnb: bool, batch_sizes=(2048, 4
                     f = jax.jit(lambda xs, ws: [fn(xi, w, None) for xi, w in zip(xs, ws)])
                     t = time_jax(f, xs, wqs) / L
                     path = ops.last_path("matmul_8bit") or "triton"
+                    # Where the layer's device time goes (per layer): the kernels and XLA ops of one call.
+                    prof = bench_env.device_time_per_call(f, xs, wqs, calls=2, top=6)
+                    prof_extra = dict(device_us=round(prof["device_us"] / L, 2) if prof.get("device_us") else None,
+                                      top_kernels_us=[(n, round(v / L, 2)) for n, v in prof.get("top", [])])
                     extra = {}
                     if bnb and dtype == "float16":
                         extra = bnb_linear8bitlt(x, K, N, threshold, L)
                     res.add("llm_int8_forward", f"int8 threshold={threshold}", M, K, N, dtype, t, base,
-                            f"{path} ({name})", layers=L, outlier_cols=len(cols), xla_bf16_gemm=kind, **breakdown, **extra)
+                            f"{path} ({name})", layers=L, outlier_cols=len(cols), xla_bf16_gemm=kind, **breakdown,
+                            **prof_extra, **extra)
 
 
 def bnb_linear8bitlt(x_jax, K, N, threshold, L):
@@ -389,8 +401,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--parts", default="gemm,llm,switchback,bnb")
-    p.add_argument("--sweep", action="store_true", help="try several GEMM tile configs and keep the fastest")
-    p.add_argument("--gemm-sizes", default="all", help="'all' (M,N,K in {4096,8192}) or 'big' (8192^3 and 4096^3)")
+    p.add_argument("--sweep", action="store_true", help="try GEMM_SWEEP's tile configs at every size and keep the fastest")
+    p.add_argument("--gemm-sizes", default="all", help="'all' (M,N,K in {4096,8192}), 'big' (8192^3 and 4096^3) or MxNxK,...")
     p.add_argument("--variants", default="global,vectorwise,global_mem_efficient")
     p.add_argument("--quick", action="store_true", help="LLM.int8 at one shape (4096x4096, M=2048) only")
     args = p.parse_args()
@@ -409,8 +421,12 @@ def main():
     res = Results(path, header)
     if "gemm" in parts:
         dims = (4096, 8192)
-        sizes = [(m, n, k) for m in dims for n in dims for k in dims] if args.gemm_sizes == "all" else \
-            [(8192, 8192, 8192), (4096, 4096, 4096)]
+        if args.gemm_sizes == "all":
+            sizes = [(m, n, k) for m in dims for n in dims for k in dims]
+        elif args.gemm_sizes == "big":
+            sizes = [(8192, 8192, 8192), (4096, 4096, 4096)]
+        else:
+            sizes = [tuple(int(d) for d in size.split("x")) for size in args.gemm_sizes.split(",")]
         bench_gemm(res, sizes, args.sweep)
     # SwitchBack before LLM.int8: the layer target should survive a cut-off run.
     if "switchback" in parts:

@@ -12,6 +12,8 @@
 #   generate   benchmarks/bench_torch_generate.py (GEN_ARGS overrides its arguments)
 #   tune-int8  benchmarks/tune_int8_tiles.py (TUNE_INT8_ARGS)
 #   profile-gen  benchmarks/profile_torch_generate.py (PROFILE_ARGS): host-time table of eager decode
+#   int8       benchmarks/bench_int8.py (INT8_ARGS, default --parts gemm,llm --gemm-sizes big --quick)
+#   int8-xla   the int8 GPU tests with every launch forced through XLA's Triton pipeline (INT8_XLA_K: -k filter)
 # Wheels in .whl/ are installed to /tmp/site (jax-triton for the launch baseline, bitsandbytes).
 # Compile caches (Triton's and JAX's) travel as .cache/kernels.tar.gz and come back in $OUT.
 set -uo pipefail
@@ -73,6 +75,15 @@ PY
     profile-gen)
       timeout 300 python3 benchmarks/profile_torch_generate.py ${PROFILE_ARGS:-} > "$OUT/profile_gen.txt" 2>&1
       grep -E "===|sync marker" "$OUT/profile_gen.txt"
+      ;;
+    int8)
+      timeout 560 python3 benchmarks/bench_int8.py ${INT8_ARGS:---parts gemm,llm --gemm-sizes big --quick} \
+        --out "$OUT" 2>&1 | grep -v Warning | tail -${INT8_TAIL:-40}
+      ;;
+    int8-xla)
+      QFLAX_TRITON_CUSTOM_CALL=xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 240 python3 -m pytest -m gpu -q -n 4 \
+        -p no:cacheprovider tests/kernels/test_int8_gpu.py -k "${INT8_XLA_K:-not nothing}" -rf 2>&1 \
+        | tee "$OUT/int8_xla_tests.log" | tail -25
       ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

@@ -165,7 +165,17 @@ def _weight_variables(kind: str, w, shape: Shape, key):
     return out
 
 
-def build_variables(kind: str, shape: Shape, seed: int = 0, weights=None) -> dict:
+# Gain of the planted outlier features (:func:`build_variables`): RMSNorm outputs are about unit
+# normal, so most entries of a feature column scaled by 16 pass LLM.int8's threshold of 6.
+OUTLIER_FEATURE_GAIN = 16.0
+
+
+def outlier_feature_columns(hidden: int, n: int) -> list:
+    """The ``n`` hidden features that carry planted outliers: spread over the width, fixed."""
+    return [(i * hidden) // n + 7 for i in range(n)] if n else []
+
+
+def build_variables(kind: str, shape: Shape, seed: int = 0, weights=None, outlier_features: int = 0) -> dict:
     """The model's variables for ``kind``: every projection from :func:`bf16_weight`.
 
     Args:
@@ -173,6 +183,9 @@ def build_variables(kind: str, shape: Shape, seed: int = 0, weights=None) -> dic
       shape: model dimensions.
       seed: weight seed.
       weights: optional ``{(layer, proj): (out, in) bf16}`` to reuse instead of drawing again.
+      outlier_features: plant this many systematic outlier features (as LLMs have: the same few
+        hidden dimensions large in every token) through the RMSNorm gains in front of the q/k/v
+        and gate/up projections (:data:`OUTLIER_FEATURE_GAIN`); 0 keeps unit gains.
     """
     key = jax.random.key(seed)
     variables: dict = {}
@@ -184,10 +197,12 @@ def build_variables(kind: str, shape: Shape, seed: int = 0, weights=None) -> dic
         node.update(leaves)
 
     ones = jnp.ones((shape.hidden,), jnp.bfloat16)
+    gains = ones.at[jnp.asarray(outlier_feature_columns(shape.hidden, outlier_features), jnp.int32)].set(
+        OUTLIER_FEATURE_GAIN) if outlier_features else ones
     for layer in range(shape.layers):
         name = f"layers_{layer}"
-        put("params", (name, "attn_norm"), {"scale": ones})
-        put("params", (name, "mlp_norm"), {"scale": ones})
+        put("params", (name, "attn_norm"), {"scale": gains})
+        put("params", (name, "mlp_norm"), {"scale": gains})
         for proj in PROJECTIONS:
             w = weights[(layer, proj)] if weights is not None else bf16_weight(key, shape, layer, proj)
             adapter_key = jax.random.fold_in(jax.random.fold_in(key, 10_000 + layer), PROJECTIONS.index(proj))

@@ -27,6 +27,19 @@ INV_127 = tl.constexpr(float(np.float32(1.0 / 127)))
 
 
 @triton.jit
+def _outlier_dot(xo, wo, out, DOT_IEEE: tl.constexpr):
+    """``out + xo @ wo.T`` in float32: outlier columns of x against the weight's same columns."""
+    # float32 operands: bf16/fp16 values and int8 codes are exact in tf32, so the tensor-core
+    # tf32 product is exact for half inputs; float32 inputs need the full-precision dot.
+    xo = xo.to(tl.float32)
+    wo = wo.to(tl.float32)
+    if DOT_IEEE:
+        return tl.dot(xo, tl.trans(wo), out, input_precision="ieee")
+    else:
+        return tl.dot(xo, tl.trans(wo), out, input_precision="tf32")
+
+
+@triton.jit
 def int8_matmul_dequant_kernel(
     a_ptr,  # int8 (M, K)
     b_ptr,  # int8 (N, K)
@@ -48,6 +61,7 @@ def int8_matmul_dequant_kernel(
     DOT_IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,
     PAD_ROWS: tl.constexpr,
+    PREFETCH_OUTLIERS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -78,6 +92,21 @@ def int8_matmul_dequant_kernel(
     rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N).to(tl.int64)
     a_ptrs = a_ptr + ram[:, None] * K + rk[None, :]
     b_ptrs = b_ptr + rbn[:, None] * K + rk[None, :]
+
+    if HAS_OUTLIERS:
+        count = tl.load(outlier_count_ptr)
+        ro = tl.arange(0, BLOCK_O)
+        if PREFETCH_OUTLIERS:
+            # Decode: the first BLOCK_O outlier columns of x and of this program's weight rows are
+            # gathered before the weight stream starts, so their two dependent round trips to
+            # memory (indices, then the scattered bytes) overlap it instead of following it.
+            o_ok0 = ro < count
+            cols0 = tl.load(outlier_idx_ptr + ro, mask=o_ok0, other=0).to(tl.int64)
+            xo0 = tl.load(x_ptr + ram[:, None] * K + cols0[None, :], mask=o_ok0[None, :], other=0.0)
+            if OUTLIER_W_FLOAT:
+                wo0 = tl.load(w_float_ptr + rbn[:, None] * K + cols0[None, :], mask=o_ok0[None, :], other=0.0)
+            else:
+                wo0 = tl.load(b_ptr + rbn[:, None] * K + cols0[None, :], mask=o_ok0[None, :], other=0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -115,9 +144,10 @@ def int8_matmul_dequant_kernel(
     if HAS_OUTLIERS:
         # Float matmul of the outlier columns x[:, idx] against the weight's columns idx: the int8
         # int8 codes (scaled by b_scale / 127 below), or a float weight (OUTLIER_W_FLOAT).
-        count = tl.load(outlier_count_ptr)
-        ro = tl.arange(0, BLOCK_O)
         j = 0
+        if PREFETCH_OUTLIERS:
+            out = _outlier_dot(xo0, wo0, out, DOT_IEEE)
+            j = BLOCK_O
         while j < count:
             o_ok = j + ro < count
             cols = tl.load(outlier_idx_ptr + j + ro, mask=o_ok, other=0).to(tl.int64)
@@ -126,14 +156,7 @@ def int8_matmul_dequant_kernel(
                 wo = tl.load(w_float_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
             else:
                 wo = tl.load(b_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0)
-            # float32 operands: bf16/fp16 values and int8 codes are exact in tf32, so the tensor-core
-            # tf32 product is exact for half inputs; float32 inputs need the full-precision dot.
-            xo = xo.to(tl.float32)
-            wo = wo.to(tl.float32)
-            if DOT_IEEE:
-                out = tl.dot(xo, tl.trans(wo), out, input_precision="ieee")
-            else:
-                out = tl.dot(xo, tl.trans(wo), out, input_precision="tf32")
+            out = _outlier_dot(xo, wo, out, DOT_IEEE)
             j += BLOCK_O
         if not OUTLIER_W_FLOAT:
             out = out * (b_scale * INV_127)[None, :]
@@ -185,6 +208,8 @@ def gemm_meta(
         N=N, K=K, HAS_BIAS=has_bias, B_SCALE_GLOBAL=b_scale_global, HAS_OUTLIERS=has_outliers,
         OUTLIER_W_FLOAT=outlier_w_float, DOT_IEEE=dot_ieee, EVEN_K=K % cfg["BLOCK_K"] == 0,
         PAD_ROWS=M < cfg["BLOCK_M"], BLOCK_O=32, **cfg,
+        # Small tiles only: the prefetched columns stay live in registers through the K loop.
+        PREFETCH_OUTLIERS=has_outliers and cfg["BLOCK_M"] <= 16,
     )
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     return grid, meta

@@ -135,11 +135,13 @@ def _xla_llm_int8(x, w_codes, w_scale, threshold, w_float=None):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_llm_int8_outlier_path_matches_reference(dtype):
-    M, K, N = 257, 1024, 768
-    x = _normal(6, (M, K), dtype)
-    cols = np.array([3, 100, 101, 640, 1023])
-    x = x.at[np.arange(5) * 40, cols].set(jnp.asarray([8.0, -7.0, 6.5, 9.0, -12.0], dtype))
+@pytest.mark.parametrize("M,n_outliers", [(257, 5), (1, 5), (12, 45)])
+def test_llm_int8_outlier_path_matches_reference(dtype, M, n_outliers):
+    # M <= 16: decode tiles, the first 32 outlier columns gathered before the K loop (45: and after it).
+    K, N = 1024, 768
+    x = jnp.clip(_normal(6, (M, K), dtype), -5, 5)
+    cols = np.array([3, 100, 101, 640, 1023]) if n_outliers == 5 else np.arange(n_outliers) * 22 + 1
+    x = x.at[(np.arange(n_outliers) * 40) % M, cols].set(jnp.asarray(np.resize([8.0, -7.0, 6.5, 9.0, -12.0], n_outliers), dtype))
     w = _normal(7, (N, K))
     wq = int8_ref.quantize_rows(w)
     got = jax.jit(lambda x: int8_kernels.run_llm_int8(x, wq.codes, wq.scale, None, 6.0))(x)
@@ -147,7 +149,7 @@ def test_llm_int8_outlier_path_matches_reference(dtype):
     assert rel_err(got, ref) < TOL[dtype]
     # The outlier path changes the planted rows (the other 252 rows hardly move).
     no_outliers = int8_kernels.run_llm_int8(x, wq.codes, wq.scale, None, 0.0)
-    planted_rows = np.arange(5) * 40
+    planted_rows = np.unique((np.arange(n_outliers) * 40) % M)
     assert rel_err(no_outliers[planted_rows], ref[planted_rows]) > 4 * rel_err(got[planted_rows], ref[planted_rows])
     w_half = w.astype(dtype)
     got_f = int8_kernels.run_llm_int8(x, wq.codes, wq.scale, None, 6.0, outlier_weight=w_half)

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from qflax.quant import int8 as int8_ref  # noqa: E402
 from qflax.quant import switchback as sb_ref  # noqa: E402
-from qflax_kernels import int8_quant, int8_specs, torch_launch  # noqa: E402
+from qflax_kernels import int8_gemm, int8_quant, int8_specs, torch_launch  # noqa: E402
 
 # Small tiles so that 3-D grids, tails and several K steps all happen on tiny shapes.
 SMALL_GEMM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
@@ -123,12 +123,20 @@ def test_gemm_global_scale_and_half_output(out_dtype):
 
 
 @pytest.mark.parametrize("x_dtype", ["float32", "float16"])
-def test_gemm_outlier_columns_add_the_float_matmul(x_dtype):
+@pytest.mark.parametrize("M,n_planted,block_m", [(19, 3, 32), (19, 40, 32), (19, 3, 16), (4, 40, 16), (1, 33, 16)])
+def test_gemm_outlier_columns_add_the_float_matmul(x_dtype, M, n_planted, block_m):
+    # Tiles of <= 16 rows gather the first BLOCK_O (32) outlier columns before the K loop, larger
+    # ones in the loop after it; 33 and 40 outliers also run that loop over the remaining ones.
+    config = dict(SMALL_GEMM, BLOCK_M=block_m)
+    assert int8_gemm.gemm_meta(M, 35, 66, has_bias=False, b_scale_global=False, has_outliers=True,
+                               config=config)[1]["PREFETCH_OUTLIERS"] == (block_m <= 16)
     rng = np.random.default_rng(3)
-    M, N, K, threshold = 19, 35, 66, 6.0
+    N, K, threshold = 35, 66, 6.0
     x = rng.normal(size=(M, K)).astype(np.float32)
-    planted = [2, 40, 65]
-    x[5, planted] = [9.0, -7.5, 6.0]
+    x = np.clip(x, -5.0, 5.0)  # no accidental outliers: the planted ones are all there are
+    planted = [2, 40, 65] if n_planted == 3 else sorted(rng.choice(K, n_planted, replace=False).tolist())
+    row = 5 % M
+    x[row, planted] = np.resize([9.0, -7.5, 6.0], n_planted)
     x = x.astype(x_dtype)
     w = rng.normal(size=(N, K)).astype(np.float32)
     w_codes, w_scale, _ = int8_ref.int8_vectorwise_quant(jnp.asarray(w))
@@ -139,7 +147,7 @@ def test_gemm_outlier_columns_add_the_float_matmul(x_dtype):
                                                     jnp.asarray(a_scale), w_scale))
     tol = dict(rtol=1e-4, atol=1e-3 if x_dtype == "float16" else 1e-4)
     # Outlier columns against the int8 weight dequantized on the fly (LLM.int8) ...
-    got = _gemm(a_codes, np.asarray(w_codes), a_scale, np.asarray(w_scale), x=x, outlier_idx=cols)
+    got = _gemm(a_codes, np.asarray(w_codes), a_scale, np.asarray(w_scale), x=x, outlier_idx=cols, config=config)
     w_deq = np.asarray(int8_ref.int8_vectorwise_dequant(w_codes, w_scale))
     ref = int8_part + x.astype(np.float32)[:, cols] @ w_deq[:, cols].T
     np.testing.assert_allclose(got, ref, **tol)
@@ -147,11 +155,11 @@ def test_gemm_outlier_columns_add_the_float_matmul(x_dtype):
     w_half = w.astype(x_dtype)
     bias = rng.normal(size=N).astype(np.float32)
     got_f = _gemm(a_codes, np.asarray(w_codes), a_scale, np.asarray(w_scale), bias, x=x, outlier_idx=cols,
-                  w_float=w_half)
+                  w_float=w_half, config=config)
     ref_f = int8_part + x.astype(np.float32)[:, cols] @ w_half.astype(np.float32)[:, cols].T + bias
     np.testing.assert_allclose(got_f, ref_f, **tol)
     # Without the outlier loop the planted row would be badly wrong: the test can fail.
-    assert np.abs(int8_part - ref)[5].max() > 1.0
+    assert np.abs(int8_part - ref)[row].max() > 1.0
 
 
 def _rows(x, col_mask=None, threshold=0.0, llm_int8_scale=False):
