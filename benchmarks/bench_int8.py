@@ -14,6 +14,7 @@ with CUDA events). Writes ``<out>/int8-<device>-<date>.json`` with one row per m
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -384,11 +385,13 @@ def bench_switchback(res: Results, tokens, dim, dtype, variants, torch_baseline=
 
 def versions():
     out = {"python": platform.python_version(), "jax": jax.__version__}
-    for mod in ("jaxlib", "triton", "torch", "jax_triton", "bitsandbytes", "flax"):
+    # Versions from the installed metadata, not by importing: importing jax_triton blanks
+    # TRITON_CACHE_DIR, after which every triton.compile fails ("Could not create or locate cache dir").
+    for mod in ("jaxlib", "triton", "torch", "jax-triton", "bitsandbytes", "flax"):
         try:
-            out[mod] = __import__(mod).__version__
+            out[mod.replace("-", "_")] = importlib.metadata.version(mod)
         except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(e).__name__})"
+            out[mod.replace("-", "_")] = f"unavailable ({type(e).__name__})"
     try:
         out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                        capture_output=True, text=True, timeout=30).stdout.strip()

@@ -6,9 +6,11 @@ operand layout int8 tensor cores want). ``b_scale`` is either one float32 per ro
 (LLM.int8 / SwitchBack vector-wise) or a single float32 (SwitchBack global).
 
 Outliers (LLM.int8, threshold > 0): the activation columns listed in ``outlier_idx`` (the first
-``outlier_count`` entries) are multiplied in the input precision against B's int8 columns
-dequantized on the fly, ``x[:, idx] @ B[:, idx].T * b_scale / 127``, accumulated in float32 and
-added before the cast. No dequantized weight is ever materialized. With ``OUTLIER_W_FLOAT`` the
+``outlier_count`` entries; ``outlier_mask`` marks the same columns) are multiplied in the input
+precision against B's int8 columns dequantized on the fly, ``x[:, idx] @ B[:, idx].T * b_scale / 127``,
+accumulated in float32 and added before the cast. Up to ``GATHER_MAX_OUTLIERS`` columns are
+gathered through the list (with decode tiles the first 32 before the K loop); more stream x and B
+along K once more under the mask. No dequantized weight is ever materialized. With ``OUTLIER_W_FLOAT`` the
 outlier columns are read from a float weight instead (SwitchBackBnb's semantics). The count lives on the
 device, so one compiled kernel serves any number of outliers under ``jax.jit``.
 
@@ -49,6 +51,7 @@ def int8_matmul_dequant_kernel(
     x_ptr,  # float (M, K) activations for the outlier columns; unused unless HAS_OUTLIERS
     outlier_idx_ptr,  # int32 (>= count,) column indices
     outlier_count_ptr,  # int32 (1,)
+    outlier_mask_ptr,  # int8 (K,): nonzero at the outlier columns (the same set as the list)
     w_float_ptr,  # float (N, K) weight for the outlier columns; unused unless OUTLIER_W_FLOAT
     M,  # runtime scalar: after the array inputs, before the outputs (qflax_kernels.launch)
     out_ptr,  # (M, N) output dtype
@@ -66,6 +69,7 @@ def int8_matmul_dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr,
+    GATHER_MAX: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row-tiles share each column-tile while it sits in L2.
@@ -100,7 +104,7 @@ def int8_matmul_dequant_kernel(
             # Decode: the first BLOCK_O outlier columns of x and of this program's weight rows are
             # gathered before the weight stream starts, so their two dependent round trips to
             # memory (indices, then the scattered bytes) overlap it instead of following it.
-            o_ok0 = ro < count
+            o_ok0 = ro < tl.where(count <= GATHER_MAX, count, 0)  # nothing when the masked pass runs
             cols0 = tl.load(outlier_idx_ptr + ro, mask=o_ok0, other=0).to(tl.int64)
             xo0 = tl.load(x_ptr + ram[:, None] * K + cols0[None, :], mask=o_ok0[None, :], other=0.0)
             if OUTLIER_W_FLOAT:
@@ -144,20 +148,34 @@ def int8_matmul_dequant_kernel(
     if HAS_OUTLIERS:
         # Float matmul of the outlier columns x[:, idx] against the weight's columns idx: the int8
         # int8 codes (scaled by b_scale / 127 below), or a float weight (OUTLIER_W_FLOAT).
-        j = 0
-        if PREFETCH_OUTLIERS:
-            out = _outlier_dot(xo0, wo0, out, DOT_IEEE)
-            j = BLOCK_O
-        while j < count:
-            o_ok = j + ro < count
-            cols = tl.load(outlier_idx_ptr + j + ro, mask=o_ok, other=0).to(tl.int64)
-            xo = tl.load(x_ptr + ram[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
-            if OUTLIER_W_FLOAT:
-                wo = tl.load(w_float_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
-            else:
-                wo = tl.load(b_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0)
-            out = _outlier_dot(xo, wo, out, DOT_IEEE)
-            j += BLOCK_O
+        if count > GATHER_MAX:
+            # Many outlier columns: gathering single bytes of B's rows would move a 32-byte sector
+            # per byte, more than all of B; stream x and B again along K instead, every column
+            # outside the mask loaded as 0 (contiguous masked loads, pipelined like the main loop).
+            for kd in range(0, tl.cdiv(K, BLOCK_O)):
+                kk = kd * BLOCK_O + ro
+                sel = (tl.load(outlier_mask_ptr + kk, mask=kk < K, other=0) != 0)[None, :]
+                xo = tl.load(x_ptr + ram[:, None] * K + kk[None, :], mask=sel, other=0.0)
+                if OUTLIER_W_FLOAT:
+                    wo = tl.load(w_float_ptr + rbn[:, None] * K + kk[None, :], mask=sel, other=0.0)
+                else:
+                    wo = tl.load(b_ptr + rbn[:, None] * K + kk[None, :], mask=sel, other=0)
+                out = _outlier_dot(xo, wo, out, DOT_IEEE)
+        else:
+            j = 0
+            if PREFETCH_OUTLIERS:
+                out = _outlier_dot(xo0, wo0, out, DOT_IEEE)
+                j = BLOCK_O
+            while j < count:
+                o_ok = j + ro < count
+                cols = tl.load(outlier_idx_ptr + j + ro, mask=o_ok, other=0).to(tl.int64)
+                xo = tl.load(x_ptr + ram[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
+                if OUTLIER_W_FLOAT:
+                    wo = tl.load(w_float_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
+                else:
+                    wo = tl.load(b_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0)
+                out = _outlier_dot(xo, wo, out, DOT_IEEE)
+                j += BLOCK_O
         if not OUTLIER_W_FLOAT:
             out = out * (b_scale * INV_127)[None, :]
 
@@ -167,6 +185,12 @@ def int8_matmul_dequant_kernel(
 
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# Up to this many outlier columns the GEMM gathers them (x[:, idx], B[:, idx]); above it, it
+# streams x and B a second time with the column mask. A gathered byte of B costs a 32-byte
+# sector, so past a few dozen columns the second stream is the cheaper one.
+GATHER_MAX_OUTLIERS = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,7 +231,7 @@ def gemm_meta(
     meta = dict(
         N=N, K=K, HAS_BIAS=has_bias, B_SCALE_GLOBAL=b_scale_global, HAS_OUTLIERS=has_outliers,
         OUTLIER_W_FLOAT=outlier_w_float, DOT_IEEE=dot_ieee, EVEN_K=K % cfg["BLOCK_K"] == 0,
-        PAD_ROWS=M < cfg["BLOCK_M"], BLOCK_O=32, **cfg,
+        PAD_ROWS=M < cfg["BLOCK_M"], BLOCK_O=32, GATHER_MAX=GATHER_MAX_OUTLIERS, **cfg,
         # Small tiles only: the prefetched columns stay live in registers through the K loop.
         PREFETCH_OUTLIERS=has_outliers and cfg["BLOCK_M"] <= 16,
     )

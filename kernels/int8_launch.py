@@ -23,7 +23,7 @@ from qflax_kernels.triton_call import triton_call
 def _gemm_fn(out_dtype, has_bias: bool, b_scale_global: bool, has_outliers: bool, outlier_w_float: bool, config_key):
     config = dict(config_key) if config_key else None
 
-    def launch(a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float):
+    def launch(a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, outlier_mask, w_float):
         M, K = a.shape
         N = b.shape[0]
         spec = int8_specs.gemm_launch(
@@ -31,7 +31,7 @@ def _gemm_fn(out_dtype, has_bias: bool, b_scale_global: bool, has_outliers: bool
             has_outliers=has_outliers, outlier_w_float=outlier_w_float, config=config,
             dot_ieee=has_outliers and (x.dtype == jnp.float32 or (outlier_w_float and w_float.dtype == jnp.float32)),
         )
-        (out,) = triton_call(spec, a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float)
+        (out,) = triton_call(spec, a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, outlier_mask, w_float)
         return out
 
     # a, a_scale (and x with outliers) hold activations; the rest belongs to the weight or the outlier set.
@@ -50,6 +50,7 @@ def int8_matmul_dequant(
     outlier_count: Optional[jax.Array] = None,
     outlier_weight: Optional[jax.Array] = None,
     config: Optional[dict] = None,
+    outlier_mask: Optional[jax.Array] = None,
 ) -> jax.Array:
     """``(a @ b.T) * a_scale[:, None] * b_scale / 127² (+ outlier matmul) (+ bias)`` in ``out_dtype``.
 
@@ -66,6 +67,8 @@ def int8_matmul_dequant(
       outlier_weight: optional float ``(N, K)``: take the outlier columns' weights from here
         (unscaled) instead of dequantizing ``b``'s codes (SwitchBackBnb).
       config: optional tile override (see ``int8_gemm.gemm_config``), for benchmarks.
+      outlier_mask: optional ``(K,)`` bool/int8, nonzero at the listed outlier columns (what
+        :func:`quantize_rows_outliers` returns); by default built from the list (one scatter).
 
     Returns:
       ``(M, N)`` array of ``out_dtype``.
@@ -78,12 +81,16 @@ def int8_matmul_dequant(
     unread = b_scale
     if has_outliers:
         outlier_idx, outlier_count = outlier_idx.astype(jnp.int32), outlier_count.astype(jnp.int32)
+        if outlier_mask is None:
+            listed = jnp.arange(outlier_idx.shape[0]) < outlier_count[0]
+            outlier_mask = jnp.zeros((a.shape[-1],), jnp.int8).at[outlier_idx].max(listed.astype(jnp.int8))
+        outlier_mask = outlier_mask.astype(jnp.int8)
     else:
-        x, outlier_idx, outlier_count = unread, unread, unread
+        x, outlier_idx, outlier_count, outlier_mask = unread, unread, unread, unread
     outlier_w_float = has_outliers and outlier_weight is not None
     config_key = tuple(sorted(config.items())) if config else None
     fn = _gemm_fn(jnp.dtype(out_dtype), bias is not None, b_scale_global, has_outliers, outlier_w_float, config_key)
-    return fn(a, b, a_scale, b_scale, unread if bias is None else bias, x, outlier_idx, outlier_count,
+    return fn(a, b, a_scale, b_scale, unread if bias is None else bias, x, outlier_idx, outlier_count, outlier_mask,
               outlier_weight if outlier_w_float else unread)
 
 
@@ -140,11 +147,12 @@ def quantize_rows_outliers(
         kernel itself when one program holds every row, else by one XLA reduction first.
 
     Returns:
-      ``(codes, absmax, columns, count)``: codes and absmax as
+      ``(codes, absmax, columns, count, mask)``: codes and absmax as
       ``qflax.quant.int8.int8_vectorwise_quant(x, threshold)`` gives them; ``columns`` int32
       ``(K,)`` holds the outlier columns in increasing order in its first ``count`` entries
-      (the rest is not written); ``count`` int32 ``(1,)`` is the number of outlier columns.
-      ``columns`` and ``count`` are the GEMM's ``outlier_idx`` and ``outlier_count``.
+      (the rest is not written); ``count`` int32 ``(1,)`` is the number of outlier columns;
+      ``mask`` int8 ``(K,)`` is 1 at them. ``columns``, ``count`` and ``mask`` are the GEMM's
+      ``outlier_idx``, ``outlier_count`` and ``outlier_mask``.
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")

@@ -130,6 +130,7 @@ def quantize_rows_outliers_kernel(
     absmax_ptr,  # float32 (M,)
     columns_ptr,  # int32 (K,): the outlier columns in increasing order, then unspecified
     count_ptr,  # int32 (1,): how many outlier columns
+    mask_ptr,  # int8 (K,): 1 at the outlier columns, else 0
     K: tl.constexpr,
     FIND_MASK: tl.constexpr,
     THRESHOLD: tl.constexpr,
@@ -172,6 +173,8 @@ def quantize_rows_outliers_kernel(
         count = tl.sum(col, axis=0)
         tl.store(columns_ptr + tl.cumsum(col, 0) - 1, rk, mask=col != 0)
         tl.store(count_ptr + tl.arange(0, 1), tl.full((1,), 0, tl.int32) + count)
+        # The same set as a mask, for the GEMM's pass over many outlier columns.
+        tl.store(mask_ptr + rk, col.to(tl.int8), mask=k_ok)
 
 
 @triton.jit

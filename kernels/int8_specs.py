@@ -26,17 +26,17 @@ def gemm_launch(m: int, n: int, k: int, out_dtype: str, *, has_bias: bool, b_sca
                 config: dict | None = None) -> Launch:
     """``int8_matmul_dequant_kernel`` for ``(m, k) x (n, k)`` int8 operands, output ``(m, n)`` of ``out_dtype``.
 
-    Inputs: a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, w_float (the unused
+    Inputs: a, b, a_scale, b_scale, bias, x, outlier_idx, outlier_count, outlier_mask, w_float (the unused
     ones may be any array already at hand: the kernel does not read them).
     """
     grid, meta = int8_gemm.gemm_meta(m, n, k, has_bias=has_bias, b_scale_global=b_scale_global,
                                      has_outliers=has_outliers, outlier_w_float=outlier_w_float,
                                      dot_ieee=dot_ieee, config=config)
-    # Without outliers the GEMM goes through XLA's own Triton pipeline, launched like an XLA op
-    # (H200 decoder stack at M = 1: 3.47 ms per step against 4.2-4.6 ms through the FFI call).
-    # The outlier variant's loop over a count read from memory has not been validated there.
+    # Through XLA's own Triton pipeline, launched like an XLA op (H200 decoder stack at M = 1:
+    # 3.5 ms per step against 4.2-4.6 ms through the FFI call). The outlier variants ran the GPU
+    # tests there too (tests/kernels/test_int8_gpu.py with every launch forced through it).
     return _from_meta(int8_gemm.int8_matmul_dequant_kernel, grid, meta, outputs=(Output((m, n), out_dtype),),
-                      name="qflax_int8_matmul_dequant", m=m, xla_pipeline=not has_outliers)
+                      name="qflax_int8_matmul_dequant", m=m, xla_pipeline=True)
 
 
 def rows_launch(m: int, k: int, *, threshold: float, llm_int8_scale: bool) -> Launch:
@@ -50,12 +50,14 @@ def rows_launch(m: int, k: int, *, threshold: float, llm_int8_scale: bool) -> La
 
 def rows_outliers_launch(m: int, k: int, *, threshold: float, find_mask: bool) -> Launch:
     """``quantize_rows_outliers_kernel``: inputs x ``(m, k)``, col_mask (not read with ``find_mask``);
-    outputs codes ``(m, k)`` int8, absmax ``(m,)``, columns ``(k,)`` int32 (the outlier columns, then unwritten), count ``(1,)`` int32."""
+    outputs codes ``(m, k)`` int8, absmax ``(m,)``, columns ``(k,)`` int32 (the outlier columns, then unwritten), count ``(1,)`` int32,
+    mask ``(k,)`` int8 (1 at the outlier columns)."""
     grid, meta = int8_quant.rows_outliers_meta(m, k, threshold=threshold, find_mask=find_mask)
     return _from_meta(int8_quant.quantize_rows_outliers_kernel, grid, meta,
                       outputs=(Output((m, k), "int8"), Output((m,), "float32"), Output((k,), "int32"),
-                               Output((1,), "int32")),
-                      name="qflax_int8_quantize_rows_outliers", m=m, enable_fp_fusion=False)
+                               Output((1,), "int32"), Output((k,), "int8")),
+                      name="qflax_int8_quantize_rows_outliers", m=m, enable_fp_fusion=False,
+                      xla_pipeline=True)
 
 
 def absmax_launch(m: int, n: int, *, per_column: bool) -> Launch:

@@ -56,7 +56,8 @@ def _quantize_rows(x2: Tensor) -> tuple:
 
 
 def _quantize_rows_outliers(x2: Tensor, threshold: float) -> tuple:
-    """codes, absmax, the outlier columns (the first ``count`` of int32 ``(K,)``) and their count (int32 ``(1,)``)."""
+    """codes, absmax, the outlier columns (the first ``count`` of int32 ``(K,)``), their count (int32 ``(1,)``)
+    and their int8 ``(K,)`` mask."""
     launch, find_mask = _rows_outliers_launch(x2.shape[0], x2.shape[1], float(threshold))
     if find_mask:  # one program holds every row and finds the column mask: x2 stands in for its pointer
         return kernel_launch.run(launch, [x2, x2])
@@ -91,10 +92,10 @@ def llm_int8_with_outliers(x2: Tensor, w_codes: Tensor, w_scale: Tensor, bias: O
     columns = count = None
     if threshold == 0:
         codes, absmax = _quantize_rows(x2)
-        outlier_inputs = [unread, unread, unread]
+        outlier_inputs = [unread, unread, unread, unread]
     else:
-        codes, absmax, columns, count = _quantize_rows_outliers(x2, threshold)
-        outlier_inputs = [x2, columns, count]
+        codes, absmax, columns, count, mask = _quantize_rows_outliers(x2, threshold)
+        outlier_inputs = [x2, columns, count, mask]
     launch = _gemm_launch(m, n, k, kernel_launch.dtype_name(x2.dtype), bias is not None, False, threshold != 0,
                           threshold != 0 and x2.dtype == torch.float32)
     inputs = [codes, w_codes, absmax, w_scale, unread if bias is None else bias, *outlier_inputs, unread]

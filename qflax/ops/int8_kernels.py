@@ -143,9 +143,10 @@ def run_llm_int8(
         return out.reshape(x.shape[:-1] + (w_codes.shape[0],))
     # One quantizer launch gives the codes and the outlier columns (no nonzero: its scatter and
     # prefix sums cost more than the int8 GEMM at decode sizes).
-    codes, absmax, columns, count = _launch().quantize_rows_outliers(x2, threshold)
+    codes, absmax, columns, count, mask = _launch().quantize_rows_outliers(x2, threshold)
     out = _launch().int8_matmul_dequant(codes, w_codes, absmax, w_scale, bias, out_dtype=x.dtype, x=x2,
-                                        outlier_idx=columns, outlier_count=count, outlier_weight=outlier_weight)
+                                        outlier_idx=columns, outlier_count=count, outlier_weight=outlier_weight,
+                                        outlier_mask=mask)
     return out.reshape(x.shape[:-1] + (w_codes.shape[0],))
 
 

@@ -82,10 +82,10 @@ def llm_int8_shard(s: "_StaticInt8", batch: tuple, in_axes: tuple, x, codes_w, s
         codes, absmax = _quantize_rows_split(x, threshold, mask, in_axes)
         if threshold > 0:
             outliers = dict(x=x, outlier_idx=jnp.nonzero(mask, size=k, fill_value=0)[0].astype(jnp.int32),
-                            outlier_count=jnp.sum(mask, dtype=jnp.int32).reshape(1))
+                            outlier_count=jnp.sum(mask, dtype=jnp.int32).reshape(1), outlier_mask=mask)
     elif threshold > 0:
-        codes, absmax, columns, count = int8_launch.quantize_rows_outliers(x, threshold, mask)
-        outliers = dict(x=x, outlier_idx=columns, outlier_count=count)
+        codes, absmax, columns, count, mask = int8_launch.quantize_rows_outliers(x, threshold, mask)
+        outliers = dict(x=x, outlier_idx=columns, outlier_count=count, outlier_mask=mask)
     else:
         codes, absmax = int8_launch.quantize_rowwise(x, llm_int8_scale=True)
     local_bias = None if in_axes else bias

@@ -118,12 +118,13 @@ def test_outlier_quantizer_lists_the_outlier_columns(rows):
     assert int8_quant.outliers_fit_one_program(rows, 4096) == (rows < 300)
     x = _normal(15, (rows, 4096), "bfloat16").at[rows - 1, jnp.asarray([17, 4000])].set(9.0).at[0, 3].set(-6.0)
     ref_codes, ref_absmax, mask = _llm_rows_ref(x, 6.0)
-    codes, absmax, columns, count = jax.jit(lambda x: int8_launch.quantize_rows_outliers(x, 6.0))(x)
+    codes, absmax, columns, count, out_mask = jax.jit(lambda x: int8_launch.quantize_rows_outliers(x, 6.0))(x)
     _assert_codes_close(codes, ref_codes)
     np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
     want = np.nonzero(np.asarray(mask))[0]
     assert list(want) == [3, 17, 4000] and np.asarray(count).tolist() == [3]
     np.testing.assert_array_equal(np.asarray(columns)[:3], want)
+    np.testing.assert_array_equal(np.asarray(out_mask), np.asarray(mask).astype(np.int8))
 
 
 def _xla_llm_int8(x, w_codes, w_scale, threshold, w_float=None):
@@ -131,7 +132,8 @@ def _xla_llm_int8(x, w_codes, w_scale, threshold, w_float=None):
     out = int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(codes, w_codes), stats, w_scale)
     w_cols = int8_ref.int8_vectorwise_dequant(w_codes, w_scale) if w_float is None else w_float.astype(jnp.float32)
     xo = jnp.where(mask[None, :], x.astype(jnp.float32), 0.0)
-    return out + xo @ w_cols.T
+    # HIGHEST: XLA's default float32 GPU matmul rounds its operands to tf32, the kernel does not.
+    return out + jnp.matmul(xo, w_cols.T, precision=jax.lax.Precision.HIGHEST)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

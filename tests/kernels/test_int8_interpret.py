@@ -52,12 +52,14 @@ def _gemm(a, b, a_scale, b_scale, bias=None, out_dtype="float32", x=None, outlie
     )
     idx = np.zeros(max(K, 1), np.int32) if outlier_idx is None else np.asarray(outlier_idx, np.int32)
     count = np.array([0 if outlier_idx is None else len(outlier_idx)], np.int32)
+    col_mask = np.zeros(max(K, 1), np.int8)
     if outlier_idx is not None:
+        col_mask[idx] = 1
         idx = np.concatenate([idx, np.zeros(K - len(idx), np.int32)])
     (out,) = torch_launch.run(spec, [
         _t(a), _t(b), _t(a_scale), _t(b_scale),
         _t(bias) if bias is not None else torch.zeros(1),
-        _t(x) if has_out else torch.zeros(1), _t(idx), _t(count),
+        _t(x) if has_out else torch.zeros(1), _t(idx), _t(count), _t(col_mask),
         _t(w_float) if w_float is not None else torch.zeros(1),
     ], poison=True)
     return _n(out)
@@ -123,15 +125,18 @@ def test_gemm_global_scale_and_half_output(out_dtype):
 
 
 @pytest.mark.parametrize("x_dtype", ["float32", "float16"])
-@pytest.mark.parametrize("M,n_planted,block_m", [(19, 3, 32), (19, 40, 32), (19, 3, 16), (4, 40, 16), (1, 33, 16)])
+@pytest.mark.parametrize("M,n_planted,block_m", [(19, 3, 32), (19, 40, 32), (19, 3, 16), (4, 40, 16), (1, 33, 16),
+                                                 (19, 90, 32), (4, 90, 16)])
 def test_gemm_outlier_columns_add_the_float_matmul(x_dtype, M, n_planted, block_m):
     # Tiles of <= 16 rows gather the first BLOCK_O (32) outlier columns before the K loop, larger
-    # ones in the loop after it; 33 and 40 outliers also run that loop over the remaining ones.
+    # ones in the loop after it; 33 and 40 outliers also run that loop over the remaining ones;
+    # 90 (> GATHER_MAX_OUTLIERS) take the second masked pass over K instead of the gather.
+    assert (n_planted > int8_gemm.GATHER_MAX_OUTLIERS) == (n_planted == 90)
     config = dict(SMALL_GEMM, BLOCK_M=block_m)
     assert int8_gemm.gemm_meta(M, 35, 66, has_bias=False, b_scale_global=False, has_outliers=True,
                                config=config)[1]["PREFETCH_OUTLIERS"] == (block_m <= 16)
     rng = np.random.default_rng(3)
-    N, K, threshold = 35, 66, 6.0
+    N, K, threshold = 35, 66 if n_planted < 64 else 150, 6.0
     x = rng.normal(size=(M, K)).astype(np.float32)
     x = np.clip(x, -5.0, 5.0)  # no accidental outliers: the planted ones are all there are
     planted = [2, 40, 65] if n_planted == 3 else sorted(rng.choice(K, n_planted, replace=False).tolist())
@@ -248,8 +253,8 @@ def _rows_outliers(x, threshold, col_mask=None):
     M, K = x.shape
     spec = int8_specs.rows_outliers_launch(M, K, threshold=threshold, find_mask=col_mask is None)
     mask = _t(x) if col_mask is None else _t(np.asarray(col_mask).astype(np.int8))
-    codes, absmax, columns, count = torch_launch.run(spec, [_t(x), mask], poison=True)
-    return codes.numpy(), absmax.numpy(), columns.numpy(), count.numpy()
+    codes, absmax, columns, count, out_mask = torch_launch.run(spec, [_t(x), mask], poison=True)
+    return codes.numpy(), absmax.numpy(), columns.numpy(), count.numpy(), out_mask.numpy()
 
 
 @pytest.mark.parametrize("M,K,find_mask", [(1, 300, True), (6, 50, True), (600, 50, False), (1, 40, False)])
@@ -264,20 +269,21 @@ def test_outlier_quantizer_gives_codes_and_outlier_columns_first(M, K, find_mask
     x[M - 1, 7] = 6.0  # exactly the threshold: an outlier (>=)
     x[0, 9] = np.nan  # NaN is no outlier: its row gets scale NaN, codes 0
     codes_ref, stats_ref, mask = (np.asarray(a) for a in int8_ref.int8_vectorwise_quant(jnp.asarray(x), 6.0))
-    codes, absmax, columns, count = _rows_outliers(x, 6.0, None if find_mask else mask)
+    codes, absmax, columns, count, out_mask = _rows_outliers(x, 6.0, None if find_mask else mask)
     assert np.isnan(absmax[0]) and not codes[0].any()
     np.testing.assert_array_equal(codes, codes_ref)
     np.testing.assert_array_equal(absmax, stats_ref)
     want = np.nonzero(mask)[0]
     assert list(want) == sorted({4, 7, K - 1}) and count.tolist() == [len(want)]
     np.testing.assert_array_equal(columns[: len(want)], want)
+    np.testing.assert_array_equal(out_mask, mask.astype(np.int8))
 
 
 def test_outlier_quantizer_without_outliers_lists_none():
     x = np.linspace(-1, 1, 3 * 20, dtype=np.float32).reshape(3, 20)
-    codes, absmax, columns, count = _rows_outliers(x, 6.0)
+    codes, absmax, columns, count, out_mask = _rows_outliers(x, 6.0)
     np.testing.assert_array_equal(codes, _llm_int8_rows_numpy(x, 6.0)[0])
-    assert count.tolist() == [0]
+    assert count.tolist() == [0] and not out_mask.any()
 
 
 def test_outlier_quantizer_refuses_a_mask_search_over_several_programs():

@@ -61,10 +61,11 @@ class Recorder:
         codes, absmax = self.quantize_rowwise(x, threshold, mask, llm_int8_scale=True)
         self.calls.pop()  # one call recorded, not two
         columns = jnp.argsort(~mask, stable=True).astype(jnp.int32)
-        return codes, absmax, columns, jnp.sum(mask, dtype=jnp.int32).reshape(1)
+        return codes, absmax, columns, jnp.sum(mask, dtype=jnp.int32).reshape(1), mask.astype(jnp.int8)
 
     def int8_matmul_dequant(self, a, b, a_scale, b_scale, bias=None, out_dtype=jnp.float32, x=None,
-                            outlier_idx=None, outlier_count=None, outlier_weight=None, config=None):
+                            outlier_idx=None, outlier_count=None, outlier_weight=None, config=None,
+                            outlier_mask=None):
         self.calls.append(("int8_matmul_dequant", tuple(b.shape), x is not None))
         out = int8_quant.int8_mm_dequant(int8_quant.int8_linear_matmul(a, b), a_scale, b_scale)
         if x is not None:
