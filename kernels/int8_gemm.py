@@ -70,6 +70,7 @@ def int8_matmul_dequant_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr,
     GATHER_MAX: tl.constexpr,
+    OUTLIER_DOT_NATIVE: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row-tiles share each column-tile while it sits in L2.
@@ -150,17 +151,31 @@ def int8_matmul_dequant_kernel(
         # int8 codes (scaled by b_scale / 127 below), or a float weight (OUTLIER_W_FLOAT).
         if count > GATHER_MAX:
             # Many outlier columns: gathering single bytes of B's rows would move a 32-byte sector
-            # per byte, more than all of B; stream x and B again along K instead, every column
-            # outside the mask loaded as 0 (contiguous masked loads, pipelined like the main loop).
-            for kd in range(0, tl.cdiv(K, BLOCK_O)):
-                kk = kd * BLOCK_O + ro
-                sel = (tl.load(outlier_mask_ptr + kk, mask=kk < K, other=0) != 0)[None, :]
-                xo = tl.load(x_ptr + ram[:, None] * K + kk[None, :], mask=sel, other=0.0)
-                if OUTLIER_W_FLOAT:
-                    wo = tl.load(w_float_ptr + rbn[:, None] * K + kk[None, :], mask=sel, other=0.0)
+            # per byte, more than all of B. Stream x and B again along K instead, in whole tiles
+            # (plain contiguous loads: pipelined like the main loop, none waits on the mask), and
+            # zero x outside the outlier columns.
+            xd_ptrs = x_ptr + ram[:, None] * K + rk[None, :]
+            if OUTLIER_W_FLOAT:
+                wd_ptrs = w_float_ptr + rbn[:, None] * K + rk[None, :]
+            else:
+                wd_ptrs = b_ptr + rbn[:, None] * K + rk[None, :]
+            for kd in range(0, tl.cdiv(K, BLOCK_K)):
+                kk = kd * BLOCK_K + rk
+                sel = tl.load(outlier_mask_ptr + kk, mask=kk < K, other=0) != 0
+                if EVEN_K:
+                    xd = tl.load(xd_ptrs)
+                    wd = tl.load(wd_ptrs)
                 else:
-                    wo = tl.load(b_ptr + rbn[:, None] * K + kk[None, :], mask=sel, other=0)
-                out = _outlier_dot(xo, wo, out, DOT_IEEE)
+                    xd = tl.load(xd_ptrs, mask=(kk < K)[None, :], other=0.0)
+                    wd = tl.load(wd_ptrs, mask=(kk < K)[None, :], other=0)
+                xd = tl.where(sel[None, :], xd, tl.zeros_like(xd))
+                if OUTLIER_DOT_NATIVE:
+                    # Half x against int8 codes cast to x's dtype (exact): products exact, float32 sums.
+                    out = tl.dot(xd, tl.trans(wd.to(xd.dtype)), out)
+                else:
+                    out = _outlier_dot(xd, wd, out, DOT_IEEE)
+                xd_ptrs += BLOCK_K
+                wd_ptrs += BLOCK_K
         else:
             j = 0
             if PREFETCH_OUTLIERS:
@@ -189,8 +204,11 @@ def int8_matmul_dequant_kernel(
 
 # Up to this many outlier columns the GEMM gathers them (x[:, idx], B[:, idx]); above it, it
 # streams x and B a second time with the column mask. A gathered byte of B costs a 32-byte
-# sector, so past a few dozen columns the second stream is the cheaper one.
+# sector, so past a few dozen columns the second stream is the cheaper one -- except at decode
+# (tiles of <= 16 rows), where the second stream doubles the weight bytes, the whole cost there,
+# while the gather's chunks of 32 columns cost one round trip each.
 GATHER_MAX_OUTLIERS = 64
+GATHER_MAX_DECODE = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,7 +249,11 @@ def gemm_meta(
     meta = dict(
         N=N, K=K, HAS_BIAS=has_bias, B_SCALE_GLOBAL=b_scale_global, HAS_OUTLIERS=has_outliers,
         OUTLIER_W_FLOAT=outlier_w_float, DOT_IEEE=dot_ieee, EVEN_K=K % cfg["BLOCK_K"] == 0,
-        PAD_ROWS=M < cfg["BLOCK_M"], BLOCK_O=32, GATHER_MAX=GATHER_MAX_OUTLIERS, **cfg,
+        PAD_ROWS=M < cfg["BLOCK_M"], BLOCK_O=32, **cfg,
+        GATHER_MAX=GATHER_MAX_DECODE if cfg["BLOCK_M"] <= 16 else GATHER_MAX_OUTLIERS,
+        # The masked pass's dot in x's half dtype (int8 codes are exact there); float32 x or a
+        # float outlier weight take the float32 dot.
+        OUTLIER_DOT_NATIVE=not dot_ieee and not outlier_w_float,
         # Small tiles only: the prefetched columns stay live in registers through the K loop.
         PREFETCH_OUTLIERS=has_outliers and cfg["BLOCK_M"] <= 16,
     )

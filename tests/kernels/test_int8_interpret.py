@@ -126,17 +126,18 @@ def test_gemm_global_scale_and_half_output(out_dtype):
 
 @pytest.mark.parametrize("x_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("M,n_planted,block_m", [(19, 3, 32), (19, 40, 32), (19, 3, 16), (4, 40, 16), (1, 33, 16),
-                                                 (19, 90, 32), (4, 90, 16)])
+                                                 (19, 90, 32), (4, 90, 16), (4, 600, 16)])
 def test_gemm_outlier_columns_add_the_float_matmul(x_dtype, M, n_planted, block_m):
     # Tiles of <= 16 rows gather the first BLOCK_O (32) outlier columns before the K loop, larger
     # ones in the loop after it; 33 and 40 outliers also run that loop over the remaining ones;
-    # 90 (> GATHER_MAX_OUTLIERS) take the second masked pass over K instead of the gather.
-    assert (n_planted > int8_gemm.GATHER_MAX_OUTLIERS) == (n_planted == 90)
+    # more than GATHER_MAX (64 for larger tiles, 512 for decode tiles) take the second, masked pass
+    # over K instead of the gather (90 with 32-row tiles, 600 with 16-row tiles).
     config = dict(SMALL_GEMM, BLOCK_M=block_m)
-    assert int8_gemm.gemm_meta(M, 35, 66, has_bias=False, b_scale_global=False, has_outliers=True,
-                               config=config)[1]["PREFETCH_OUTLIERS"] == (block_m <= 16)
+    meta = int8_gemm.gemm_meta(M, 35, 66, has_bias=False, b_scale_global=False, has_outliers=True, config=config)[1]
+    assert meta["PREFETCH_OUTLIERS"] == (block_m <= 16)
+    assert (n_planted > meta["GATHER_MAX"]) == ((n_planted, block_m) in ((90, 32), (600, 16)))
     rng = np.random.default_rng(3)
-    N, K, threshold = 35, 66 if n_planted < 64 else 150, 6.0
+    N, K, threshold = 35, 66 if n_planted < 64 else (150 if n_planted < 100 else 700), 6.0
     x = rng.normal(size=(M, K)).astype(np.float32)
     x = np.clip(x, -5.0, 5.0)  # no accidental outliers: the planted ones are all there are
     planted = [2, 40, 65] if n_planted == 3 else sorted(rng.choice(K, n_planted, replace=False).tolist())
