@@ -84,7 +84,18 @@ def torch_bf16_step_seconds(weights, shape, x_jax):
         return time_graph(lambda: stack(x), target_s=0.1)
 
 
-def bench_inference(results, shape, kinds, rows, path, deadline, outlier_features=0):
+def record_outlier_columns(results, model, variables, x, threshold=6.0):
+    """Store and print, per projection, the min / median / max over layers of its outlier columns."""
+    per_layer = ls.outlier_columns(model, variables, x, threshold)
+    summary = {p: dict(min=min(c), median=sorted(c)[len(c) // 2], max=max(c)) for p, c in per_layer.items()}
+    results.setdefault("outlier_columns", {})[str(x.shape[0])] = dict(threshold=threshold, **summary)
+    print(f"outlier columns (|x| >= {threshold}) M={x.shape[0]}, median [max] over layers: "
+          + ", ".join(f"{p} {v['median']} [{v['max']}]" for p, v in summary.items()), flush=True)
+
+
+def bench_inference(results, shape, kinds, rows, path, deadline, gains=None):
+    """Time every kind at every row count; ``gains``: build_variables' outlier/norm gain arguments."""
+    gains = gains or {}
     key = jax.random.key(0)
     weights = {(i, p): ls.bf16_weight(key, shape, i, p) for i in range(shape.layers) for p in ls.PROJECTIONS}
     baselines = {}
@@ -97,7 +108,7 @@ def bench_inference(results, shape, kinds, rows, path, deadline, outlier_feature
     for spec in kinds:
         # "kind@backend" forces a dispatch backend ("nf4@xla": the XLA path of the same model).
         kind, _, backend = spec.partition("@")
-        variables = ls.build_variables(kind, shape, weights=weights, outlier_features=outlier_features)
+        variables = ls.build_variables(kind, shape, weights=weights, **gains)
         model = ls.Decoder(shape, kind)
         for m in rows:
             if time.time() > deadline:
@@ -113,6 +124,8 @@ def bench_inference(results, shape, kinds, rows, path, deadline, outlier_feature
                 continue
             if spec == "bf16":
                 baselines[("xla", m)] = seconds
+                if any(k.startswith("int8_t6") for k in kinds):  # the inputs LLM.int8 sees, counted
+                    record_outlier_columns(results, model, variables, x)
             base_name, base = min(((n, baselines[(n, m)]) for n in ("xla", "torch") if (n, m) in baselines),
                                   key=lambda nb: nb[1], default=("none", float("nan")))
             row = dict(op="decoder_step", quant=spec, M=m, K=shape.hidden, N=shape.hidden, dtype="bfloat16",
@@ -136,7 +149,7 @@ def bench_qlora(results, path, shape):
     weights = {(i, p): ls.bf16_weight(key, shape, i, p) for i in range(shape.layers) for p in ls.PROJECTIONS}
     times = {}
     for kind in ("lora_bf16", "lora_nf4"):
-        variables = ls.build_variables(kind, shape, weights=weights, outlier_features=outlier_features)
+        variables = ls.build_variables(kind, shape, weights=weights)
         model = ls.Decoder(shape, kind, remat=True)
         params = variables["params"]
         frozen = {k: v for k, v in variables.items() if k != "params"}
@@ -175,6 +188,10 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--outlier-features", type=int, default=0,
                         help="plant this many systematic outlier features (RMSNorm gains, llama_stack.build_variables)")
+    parser.add_argument("--outlier-gain", type=float, default=ls.OUTLIER_FEATURE_GAIN,
+                        help="the planted features' RMSNorm gain")
+    parser.add_argument("--norm-gain", type=float, default=1.0,
+                        help="every other RMSNorm gain in front of a projection (below 1: fewer chance outliers)")
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
     results = bench_env.results_header()
@@ -182,8 +199,10 @@ def main():
     shape = ls.Shape(layers=2, hidden=256, kv=64, mlp=512, head_dim=32) if args.tiny else ls.Shape(layers=args.layers)
     # The planted outlier features' columns (RMSNorm gains of every kind's model), [] for none.
     results["outlier_features"] = ls.outlier_feature_columns(shape.hidden, args.outlier_features)
+    gains = dict(outlier_features=args.outlier_features, outlier_gain=args.outlier_gain, norm_gain=args.norm_gain)
+    results["norm_gains"] = dict(outlier=args.outlier_gain, other=args.norm_gain)
     bench_inference(results, shape, args.kinds.split(","),
-                    [int(r) for r in args.rows.split(",")], path, deadline, args.outlier_features)
+                    [int(r) for r in args.rows.split(",")], path, deadline, gains)
     if not args.no_qlora and time.time() < deadline:
         bench_qlora(results, path, dataclasses.replace(shape, layers=min(shape.layers, QLORA_LAYERS)))
     bench_env.save_results(results, path)

@@ -113,12 +113,18 @@ class DecoderLayer(nn.Module):
     def __call__(self, x):
         linear = linear_factory(self.kind, self.shape)
         s = self.shape
+
+        def project(proj, h):
+            # Kept in "intermediates" only when that collection is mutable (outlier_columns); else a no-op.
+            self.sow("intermediates", f"{proj}_input", h)
+            return linear(s.out_features(proj), proj)(h)
+
         h = RMSNorm(name="attn_norm")(x)
-        q, k, v = (linear(s.out_features(p), p)(h) for p in ("q_proj", "k_proj", "v_proj"))
-        x = x + linear(s.hidden, "o_proj")(attention_standin(q, k, v, s))
+        q, k, v = (project(p, h) for p in ("q_proj", "k_proj", "v_proj"))
+        x = x + project("o_proj", attention_standin(q, k, v, s))
         h = RMSNorm(name="mlp_norm")(x)
-        mlp = nn.silu(linear(s.mlp, "gate_proj")(h)) * linear(s.mlp, "up_proj")(h)
-        return x + linear(s.hidden, "down_proj")(mlp)
+        mlp = nn.silu(project("gate_proj", h)) * project("up_proj", h)
+        return x + project("down_proj", mlp)
 
 
 class Decoder(nn.Module):
@@ -170,12 +176,37 @@ def _weight_variables(kind: str, w, shape: Shape, key):
 OUTLIER_FEATURE_GAIN = 16.0
 
 
+def outlier_columns(model: nn.Module, variables: dict, x: jax.Array, threshold: float = 6.0) -> dict:
+    """How many input columns of each projection hold an entry ``|x| >= threshold``, layer by layer.
+
+    The columns LLM.int8 at this threshold takes through its float path (``int8.outlier_mask``),
+    counted on ``model``'s own activations (best a bf16 model: the quantized kinds see nearly the same).
+
+    Args:
+      model: a :class:`Decoder`.
+      variables: its variables.
+      x: ``(rows, hidden)`` input.
+      threshold: LLM.int8's outlier threshold.
+
+    Returns:
+      ``{projection: [count in layer 0, layer 1, ...]}``.
+    """
+    def counts(variables, x):
+        _, state = model.apply(variables, x, mutable=["intermediates"])
+        layers = state["intermediates"]
+        return {p: jnp.stack([jnp.sum(int8_quant.outlier_mask(layers[f"layers_{i}"][f"{p}_input"][0], threshold))
+                              for i in range(model.shape.layers)]) for p in PROJECTIONS}
+
+    return {p: [int(c) for c in v] for p, v in jax.jit(counts)(variables, x).items()}
+
+
 def outlier_feature_columns(hidden: int, n: int) -> list:
     """The ``n`` hidden features that carry planted outliers: spread over the width, fixed."""
     return [(i * hidden) // n + 7 for i in range(n)] if n else []
 
 
-def build_variables(kind: str, shape: Shape, seed: int = 0, weights=None, outlier_features: int = 0) -> dict:
+def build_variables(kind: str, shape: Shape, seed: int = 0, weights=None, outlier_features: int = 0,
+                    outlier_gain: float = OUTLIER_FEATURE_GAIN, norm_gain: float = 1.0) -> dict:
     """The model's variables for ``kind``: every projection from :func:`bf16_weight`.
 
     Args:
@@ -185,7 +216,13 @@ def build_variables(kind: str, shape: Shape, seed: int = 0, weights=None, outlie
       weights: optional ``{(layer, proj): (out, in) bf16}`` to reuse instead of drawing again.
       outlier_features: plant this many systematic outlier features (as LLMs have: the same few
         hidden dimensions large in every token) through the RMSNorm gains in front of the q/k/v
-        and gate/up projections (:data:`OUTLIER_FEATURE_GAIN`); 0 keeps unit gains.
+        and gate/up projections; 0 plants none.
+      outlier_gain: the planted features' RMSNorm gain.
+      norm_gain: every other RMSNorm gain in front of a projection (the final norm keeps 1). With
+        1 and these std-0.02 weights, gate/up outputs have std about 1.3, and silu(gate) * up, the
+        input of down_proj, passes 6 in tens (1 row) to thousands (512 rows) of its 14336 columns
+        without any planted feature (:func:`outlier_columns`); a gain below 1 leaves the outliers
+        to the planted features.
     """
     key = jax.random.key(seed)
     variables: dict = {}
@@ -197,8 +234,8 @@ def build_variables(kind: str, shape: Shape, seed: int = 0, weights=None, outlie
         node.update(leaves)
 
     ones = jnp.ones((shape.hidden,), jnp.bfloat16)
-    gains = ones.at[jnp.asarray(outlier_feature_columns(shape.hidden, outlier_features), jnp.int32)].set(
-        OUTLIER_FEATURE_GAIN) if outlier_features else ones
+    gains = jnp.full((shape.hidden,), norm_gain, jnp.bfloat16).at[
+        jnp.asarray(outlier_feature_columns(shape.hidden, outlier_features), jnp.int32)].set(outlier_gain)
     for layer in range(shape.layers):
         name = f"layers_{layer}"
         put("params", (name, "attn_norm"), {"scale": gains})

@@ -26,3 +26,27 @@ def test_inference_kinds_carry_no_adapters_and_lora_kinds_do():
         variables = ls.build_variables(kind, shape)
         out = ls.Decoder(shape, kind).apply(variables, x)
         assert out.shape == x.shape
+
+
+def test_outlier_columns_counts_the_columns_llm_int8_sends_through_its_float_path():
+    import jax.numpy as jnp
+    import numpy as np
+
+    shape = ls.Shape(layers=2, hidden=128, kv=32, mlp=256, head_dim=32)
+    planted = ls.outlier_feature_columns(shape.hidden, 3)
+    variables = ls.build_variables("bf16", shape, outlier_features=3, outlier_gain=10.0, norm_gain=0.5)
+    x = jax.random.normal(jax.random.key(3), (5, shape.hidden), jnp.float32).astype(jnp.bfloat16)
+    counts = ls.outlier_columns(ls.Decoder(shape, "bf16"), variables, x)
+    # Layer 0's q/k/v input by hand: RMSNorm of x times the gains (10 on the planted columns, 0.5 elsewhere).
+    x32 = np.asarray(x, np.float32)
+    gains = np.full(shape.hidden, 0.5, np.float32)
+    gains[planted] = 10.0
+    h = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5) * gains
+    want = np.flatnonzero(np.any(np.abs(h) >= 6.0, axis=0))
+    assert 1 <= len(want) and set(want) <= set(planted)
+    assert counts["q_proj"][0] == counts["k_proj"][0] == counts["v_proj"][0] == len(want)
+    assert set(counts) == set(ls.PROJECTIONS) and all(len(c) == shape.layers for c in counts.values())
+    # Without planted features and unit gains the same input has no outlier column in front of q/k/v.
+    plain = ls.build_variables("bf16", shape)
+    assert np.all(np.asarray(plain["params"]["layers_0"]["attn_norm"]["scale"], np.float32) == 1.0)
+    assert ls.outlier_columns(ls.Decoder(shape, "bf16"), plain, x)["q_proj"] == [0, 0]

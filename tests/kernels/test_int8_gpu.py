@@ -137,12 +137,18 @@ def _xla_llm_int8(x, w_codes, w_scale, threshold, w_float=None):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("M,n_outliers", [(257, 5), (1, 5), (12, 45)])
+@pytest.mark.parametrize("M,n_outliers", [(257, 5), (1, 5), (12, 45), (257, 90), (1, 600)])
 def test_llm_int8_outlier_path_matches_reference(dtype, M, n_outliers):
     # M <= 16: decode tiles, the first 32 outlier columns gathered before the K loop (45: and after it).
+    # More columns than the tile gathers (GATHER_MAX_OUTLIERS = 64 for 257 rows, GATHER_MAX_DECODE = 512
+    # at decode): the masked second pass over whole K tiles.
+    from qflax_kernels import int8_gemm
+
+    assert (n_outliers > int8_gemm.GATHER_MAX_OUTLIERS) == (n_outliers == 90)
+    assert (n_outliers > int8_gemm.GATHER_MAX_DECODE) == (n_outliers == 600)
     K, N = 1024, 768
     x = jnp.clip(_normal(6, (M, K), dtype), -5, 5)
-    cols = np.array([3, 100, 101, 640, 1023]) if n_outliers == 5 else np.arange(n_outliers) * 22 + 1
+    cols = np.array([3, 100, 101, 640, 1023]) if n_outliers == 5 else np.arange(n_outliers) * (K // n_outliers) + 1
     x = x.at[(np.arange(n_outliers) * 40) % M, cols].set(jnp.asarray(np.resize([8.0, -7.0, 6.5, 9.0, -12.0], n_outliers), dtype))
     w = _normal(7, (N, K))
     wq = int8_ref.quantize_rows(w)
