@@ -169,9 +169,13 @@ def int8_matmul_dequant_kernel(
                     xd = tl.load(xd_ptrs, mask=(kk < K)[None, :], other=0.0)
                     wd = tl.load(wd_ptrs, mask=(kk < K)[None, :], other=0)
                 xd = tl.where(sel[None, :], xd, tl.zeros_like(xd))
-                if OUTLIER_DOT_NATIVE:
+                if OUTLIER_DOT_NATIVE and not OUTLIER_W_FLOAT:
                     # Half x against int8 codes cast to x's dtype (exact): products exact, float32 sums.
-                    out = tl.dot(xd, tl.trans(wd.to(xd.dtype)), out)
+                    # Through float32: Triton 3.6's interpreter casts int8 straight to bfloat16 as raw bits.
+                    out = tl.dot(xd, tl.trans(wd.to(tl.float32).to(xd.dtype)), out)
+                elif OUTLIER_DOT_NATIVE and w_float_ptr.dtype.element_ty == x_ptr.dtype.element_ty:
+                    # A half float weight of x's dtype: the same half dot (float32 tiles would spill).
+                    out = tl.dot(xd, tl.trans(wd), out)
                 else:
                     out = _outlier_dot(xd, wd, out, DOT_IEEE)
                 xd_ptrs += BLOCK_K
@@ -251,9 +255,9 @@ def gemm_meta(
         OUTLIER_W_FLOAT=outlier_w_float, DOT_IEEE=dot_ieee, EVEN_K=K % cfg["BLOCK_K"] == 0,
         PAD_ROWS=M < cfg["BLOCK_M"], BLOCK_O=32, **cfg,
         GATHER_MAX=GATHER_MAX_DECODE if cfg["BLOCK_M"] <= 16 else GATHER_MAX_OUTLIERS,
-        # The masked pass's dot in x's half dtype (int8 codes are exact there); float32 x or a
-        # float outlier weight take the float32 dot.
-        OUTLIER_DOT_NATIVE=not dot_ieee and not outlier_w_float,
+        # The masked pass's dot in x's half dtype (int8 codes are exact there; a float weight only
+        # when it has x's dtype, checked in the kernel); float32 operands take the float32 dot.
+        OUTLIER_DOT_NATIVE=not dot_ieee,
         # Small tiles only: the prefetched columns stay live in registers through the K loop.
         PREFETCH_OUTLIERS=has_outliers and cfg["BLOCK_M"] <= 16,
     )

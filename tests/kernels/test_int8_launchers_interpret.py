@@ -87,6 +87,33 @@ def test_run_llm_int8_outliers_under_jit():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("M,n_outliers", [(1, 600), (20, 90)])
+def test_run_llm_int8_many_outlier_columns_take_the_masked_pass(dtype, M, n_outliers):
+    # More outlier columns than the tile gathers (512 in decode tiles, 64 in larger ones): the GEMM
+    # streams x and B again under the column mask, a half-precision dot for half inputs.
+    from qflax_kernels import int8_gemm
+
+    assert n_outliers > (int8_gemm.GATHER_MAX_DECODE if M == 1 else int8_gemm.GATHER_MAX_OUTLIERS)
+    K, N = 1024, 48
+    x = jnp.clip(_x((M, K), seed=8), -5, 5)
+    cols = np.arange(n_outliers) * (K // n_outliers) + 1
+    x = x.at[(np.arange(n_outliers) * 7) % M, cols].set(jnp.asarray(np.resize([8.0, -7.0, 6.5, 9.0], n_outliers)))
+    x = x.astype(dtype)
+    wq = int8_ref.quantize_rows(_x((N, K), seed=9))
+    got = jax.jit(lambda x: int8_kernels.run_llm_int8(x, wq.codes, wq.scale, None, 6.0))(x)
+    mask = np.asarray(int8_ref.outlier_mask(x, 6.0))
+    assert np.flatnonzero(mask).tolist() == cols.tolist()
+    codes, stats, _ = int8_ref.int8_vectorwise_quant(x, 6.0)
+    int8_part = int8_ref.int8_mm_dequant(int8_ref.int8_linear_matmul(codes, wq.codes), stats, wq.scale)
+    w_deq = np.asarray(wq.codes, np.float64) * np.asarray(wq.scale, np.float64)[:, None] / 127
+    ref = np.asarray(int8_part, np.float64) + np.asarray(x, np.float64)[:, mask] @ w_deq[:, mask].T
+    got = np.asarray(got, np.float64)
+    assert np.isfinite(got).all()
+    # One rounding to the half output dtype: relative error of its epsilon order.
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < (1e-2 if dtype == "bfloat16" else 2e-3)
+
+
 # ------------------------------------------------------------------------------------------
 # The ops' "triton" path (kernels in the interpreter) vs their XLA path, forward and backward.
 
