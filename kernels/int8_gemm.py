@@ -42,6 +42,22 @@ def _outlier_dot(xo, wo, out, DOT_IEEE: tl.constexpr):
 
 
 @triton.jit
+def _gather_outlier_columns(x_ptr, b_ptr, w_float_ptr, idx_ptr, ok, ram, rbn, K: tl.constexpr,
+                            OUTLIER_W_FLOAT: tl.constexpr):
+    """``(x[ram][:, cols], W[rbn][:, cols])`` for the listed columns ``cols = idx_ptr[ok]`` (0 elsewhere).
+
+    W is the float weight with ``OUTLIER_W_FLOAT``, else B's int8 codes.
+    """
+    cols = tl.load(idx_ptr, mask=ok, other=0).to(tl.int64)
+    xo = tl.load(x_ptr + ram[:, None] * K + cols[None, :], mask=ok[None, :], other=0.0)
+    if OUTLIER_W_FLOAT:
+        wo = tl.load(w_float_ptr + rbn[:, None] * K + cols[None, :], mask=ok[None, :], other=0.0)
+    else:
+        wo = tl.load(b_ptr + rbn[:, None] * K + cols[None, :], mask=ok[None, :], other=0)
+    return xo, wo
+
+
+@triton.jit
 def int8_matmul_dequant_kernel(
     a_ptr,  # int8 (M, K)
     b_ptr,  # int8 (N, K)
@@ -70,7 +86,6 @@ def int8_matmul_dequant_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr,
     GATHER_MAX: tl.constexpr,
-    OUTLIER_DOT_NATIVE: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row-tiles share each column-tile while it sits in L2.
@@ -106,12 +121,8 @@ def int8_matmul_dequant_kernel(
             # gathered before the weight stream starts, so their two dependent round trips to
             # memory (indices, then the scattered bytes) overlap it instead of following it.
             o_ok0 = ro < tl.where(count <= GATHER_MAX, count, 0)  # nothing when the masked pass runs
-            cols0 = tl.load(outlier_idx_ptr + ro, mask=o_ok0, other=0).to(tl.int64)
-            xo0 = tl.load(x_ptr + ram[:, None] * K + cols0[None, :], mask=o_ok0[None, :], other=0.0)
-            if OUTLIER_W_FLOAT:
-                wo0 = tl.load(w_float_ptr + rbn[:, None] * K + cols0[None, :], mask=o_ok0[None, :], other=0.0)
-            else:
-                wo0 = tl.load(b_ptr + rbn[:, None] * K + cols0[None, :], mask=o_ok0[None, :], other=0)
+            xo0, wo0 = _gather_outlier_columns(x_ptr, b_ptr, w_float_ptr, outlier_idx_ptr + ro, o_ok0, ram, rbn,
+                                               K, OUTLIER_W_FLOAT)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -148,7 +159,7 @@ def int8_matmul_dequant_kernel(
         out = out * b_scale[None, :]
     if HAS_OUTLIERS:
         # Float matmul of the outlier columns x[:, idx] against the weight's columns idx: the int8
-        # int8 codes (scaled by b_scale / 127 below), or a float weight (OUTLIER_W_FLOAT).
+        # codes (scaled by b_scale / 127 below), or a float weight (OUTLIER_W_FLOAT).
         if count > GATHER_MAX:
             # Many outlier columns: gathering single bytes of B's rows would move a 32-byte sector
             # per byte, more than all of B. Stream x and B again along K instead, in whole tiles
@@ -169,12 +180,13 @@ def int8_matmul_dequant_kernel(
                     xd = tl.load(xd_ptrs, mask=(kk < K)[None, :], other=0.0)
                     wd = tl.load(wd_ptrs, mask=(kk < K)[None, :], other=0)
                 xd = tl.where(sel[None, :], xd, tl.zeros_like(xd))
-                if OUTLIER_DOT_NATIVE and not OUTLIER_W_FLOAT:
+                # Half operands (DOT_IEEE is off) take a half dot: float32 tiles would spill registers.
+                if not DOT_IEEE and not OUTLIER_W_FLOAT:
                     # Half x against int8 codes cast to x's dtype (exact): products exact, float32 sums.
                     # Through float32: Triton 3.6's interpreter casts int8 straight to bfloat16 as raw bits.
                     out = tl.dot(xd, tl.trans(wd.to(tl.float32).to(xd.dtype)), out)
-                elif OUTLIER_DOT_NATIVE and w_float_ptr.dtype.element_ty == x_ptr.dtype.element_ty:
-                    # A half float weight of x's dtype: the same half dot (float32 tiles would spill).
+                elif not DOT_IEEE and w_float_ptr.dtype.element_ty == x_ptr.dtype.element_ty:
+                    # A half float weight of x's dtype: the same half dot.
                     out = tl.dot(xd, tl.trans(wd), out)
                 else:
                     out = _outlier_dot(xd, wd, out, DOT_IEEE)
@@ -186,13 +198,8 @@ def int8_matmul_dequant_kernel(
                 out = _outlier_dot(xo0, wo0, out, DOT_IEEE)
                 j = BLOCK_O
             while j < count:
-                o_ok = j + ro < count
-                cols = tl.load(outlier_idx_ptr + j + ro, mask=o_ok, other=0).to(tl.int64)
-                xo = tl.load(x_ptr + ram[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
-                if OUTLIER_W_FLOAT:
-                    wo = tl.load(w_float_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0.0)
-                else:
-                    wo = tl.load(b_ptr + rbn[:, None] * K + cols[None, :], mask=o_ok[None, :], other=0)
+                xo, wo = _gather_outlier_columns(x_ptr, b_ptr, w_float_ptr, outlier_idx_ptr + j + ro,
+                                                 j + ro < count, ram, rbn, K, OUTLIER_W_FLOAT)
                 out = _outlier_dot(xo, wo, out, DOT_IEEE)
                 j += BLOCK_O
         if not OUTLIER_W_FLOAT:
@@ -255,9 +262,6 @@ def gemm_meta(
         OUTLIER_W_FLOAT=outlier_w_float, DOT_IEEE=dot_ieee, EVEN_K=K % cfg["BLOCK_K"] == 0,
         PAD_ROWS=M < cfg["BLOCK_M"], BLOCK_O=32, **cfg,
         GATHER_MAX=GATHER_MAX_DECODE if cfg["BLOCK_M"] <= 16 else GATHER_MAX_OUTLIERS,
-        # The masked pass's dot in x's half dtype (int8 codes are exact there; a float weight only
-        # when it has x's dtype, checked in the kernel); float32 operands take the float32 dot.
-        OUTLIER_DOT_NATIVE=not dot_ieee,
         # Small tiles only: the prefetched columns stay live in registers through the K loop.
         PREFETCH_OUTLIERS=has_outliers and cfg["BLOCK_M"] <= 16,
     )
