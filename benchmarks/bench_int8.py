@@ -429,7 +429,10 @@ def main():
         elif args.gemm_sizes == "big":
             sizes = [(8192, 8192, 8192), (4096, 4096, 4096)]
         else:
-            sizes = [tuple(int(d) for d in size.split("x")) for size in args.gemm_sizes.split(",")]
+            sizes = [tuple(int(d) for d in size.split("x")) for size in args.gemm_sizes.split(",")
+                     if re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", size)]
+            if len(sizes) != len(args.gemm_sizes.split(",")):
+                p.error(f"--gemm-sizes must be 'all', 'big' or MxNxK,... with positive integers, got {args.gemm_sizes!r}")
         bench_gemm(res, sizes, args.sweep)
     # SwitchBack before LLM.int8: the layer target should survive a cut-off run.
     if "switchback" in parts:
