@@ -26,6 +26,8 @@ import triton.language as tl
 
 INV_127_SQUARED = tl.constexpr(float(np.float32(1.0 / (127 * 127))))
 INV_127 = tl.constexpr(float(np.float32(1.0 / 127)))
+# Software-pipeline depth of the masked outlier pass (its tiles: x in half precision and B).
+MASKED_PASS_STAGES = tl.constexpr(2)
 
 
 @triton.jit
@@ -86,6 +88,7 @@ def int8_matmul_dequant_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_O: tl.constexpr,
     GATHER_MAX: tl.constexpr,
+    MASKED_BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row-tiles share each column-tile while it sits in L2.
@@ -165,15 +168,16 @@ def int8_matmul_dequant_kernel(
             # per byte, more than all of B. Stream x and B again along K instead, in whole tiles
             # (plain contiguous loads: pipelined like the main loop, none waits on the mask), and
             # zero x outside the outlier columns.
-            xd_ptrs = x_ptr + ram[:, None] * K + rk[None, :]
+            rkd = tl.arange(0, MASKED_BLOCK_K)
+            xd_ptrs = x_ptr + ram[:, None] * K + rkd[None, :]
             if OUTLIER_W_FLOAT:
-                wd_ptrs = w_float_ptr + rbn[:, None] * K + rk[None, :]
+                wd_ptrs = w_float_ptr + rbn[:, None] * K + rkd[None, :]
             else:
-                wd_ptrs = b_ptr + rbn[:, None] * K + rk[None, :]
-            for kd in range(0, tl.cdiv(K, BLOCK_K)):
-                kk = kd * BLOCK_K + rk
+                wd_ptrs = b_ptr + rbn[:, None] * K + rkd[None, :]
+            for kd in tl.range(0, tl.cdiv(K, MASKED_BLOCK_K), num_stages=MASKED_PASS_STAGES):
+                kk = kd * MASKED_BLOCK_K + rkd
                 sel = tl.load(outlier_mask_ptr + kk, mask=kk < K, other=0) != 0
-                if EVEN_K:
+                if K % MASKED_BLOCK_K == 0:
                     xd = tl.load(xd_ptrs)
                     wd = tl.load(wd_ptrs)
                 else:
@@ -190,8 +194,8 @@ def int8_matmul_dequant_kernel(
                     out = tl.dot(xd, tl.trans(wd), out)
                 else:
                     out = _outlier_dot(xd, wd, out, DOT_IEEE)
-                xd_ptrs += BLOCK_K
-                wd_ptrs += BLOCK_K
+                xd_ptrs += MASKED_BLOCK_K
+                wd_ptrs += MASKED_BLOCK_K
         else:
             j = 0
             if PREFETCH_OUTLIERS:
@@ -220,6 +224,8 @@ def int8_matmul_dequant_kernel(
 # while the gather's chunks of 32 columns cost one round trip each.
 GATHER_MAX_OUTLIERS = 64
 GATHER_MAX_DECODE = 512
+# Registers per thread for the 128x128 outlier tiles: two programs of 8 warps per SM (65536 / 512).
+OUTLIER_TILE_MAXNREG = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -253,8 +259,10 @@ def gemm_meta(
     """(grid, keyword arguments) for one launch of :func:`int8_matmul_dequant_kernel`.
 
     Shared by the JAX launcher and the interpreter tests, so both launch the kernel the same way.
-    ``config`` overrides :func:`gemm_config` (tile sizes, num_warps, num_stages). ``dot_ieee``:
-    a float32 operand takes part in the outlier product (tf32 would round it).
+    ``config`` overrides :func:`gemm_config` (tile sizes, num_warps, num_stages, optionally
+    maxnreg). ``dot_ieee``: a float32 operand takes part in the outlier product (tf32 would round it).
+    The keyword arguments hold the constexprs, ``num_warps``, ``num_stages`` and, for a
+    register-capped launch, ``maxnreg`` (Triton's launch options).
     """
     cfg = dict(gemm_config(M, N, K) if config is None else config)
     meta = dict(
@@ -264,6 +272,16 @@ def gemm_meta(
         GATHER_MAX=GATHER_MAX_DECODE if cfg["BLOCK_M"] <= 16 else GATHER_MAX_OUTLIERS,
         # Small tiles only: the prefetched columns stay live in registers through the K loop.
         PREFETCH_OUTLIERS=has_outliers and cfg["BLOCK_M"] <= 16,
+        # Decode tiles stream the masked pass in the main loop's K tiles; larger tiles in narrow
+        # ones, which need fewer registers (sm_90, M = 512: 220 against 242 per thread).
+        MASKED_BLOCK_K=cfg["BLOCK_K"] if cfg["BLOCK_M"] <= 16 else min(32, cfg["BLOCK_K"]),
     )
+    if config is None and has_outliers and not dot_ieee and (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (
+            128, 128, 8):
+        # The outlier product doubles the registers of the 128x128 tiles (113 -> 242 per thread
+        # on sm_90), which halves the programs per SM (one of 256 threads instead of two). Capped
+        # at 128 two fit again; ptxas spills 136 B, outside the K loop. (A float32 x, DOT_IEEE,
+        # would spill 1.2 KB: left uncapped.)
+        meta["maxnreg"] = OUTLIER_TILE_MAXNREG
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     return grid, meta

@@ -15,7 +15,7 @@ kernel), then the outputs, then the ``tl.constexpr`` parameters.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,8 @@ class Launch:
       xla_pipeline: the kernel is known to compile and run correctly through XLA's own Triton
         pipeline (``triton_call``'s ``__gpu$xla.gpu.triton`` target, launched like an XLA kernel);
         others use jaxlib's kernel-call custom call.
+      maxnreg: cap on registers per thread (PTX ``.maxnreg``), or None for the compiler's choice.
+        XLA's pipeline takes no such option, so a capped launch is never ``xla_pipeline``.
     """
 
     kernel: Any
@@ -63,10 +65,16 @@ class Launch:
     name: str
     enable_fp_fusion: bool = True
     xla_pipeline: bool = False
+    maxnreg: Optional[int] = None
 
     def __post_init__(self):
         if not 1 <= len(self.grid) <= 3 or any(int(g) < 1 for g in self.grid):
             raise ValueError(f"{self.name}: grid must have 1 to 3 positive entries, got {self.grid}")
+        if self.maxnreg is not None and not (isinstance(self.maxnreg, int) and 24 <= self.maxnreg <= 255):
+            raise ValueError(f"{self.name}: maxnreg must be None or an int in [24, 255], got {self.maxnreg!r}")
+        if self.maxnreg is not None and self.xla_pipeline:
+            raise ValueError(f"{self.name}: XLA's Triton pipeline cannot cap registers; "
+                             f"a launch with maxnreg={self.maxnreg} must have xla_pipeline=False")
 
     @property
     def grid3(self) -> tuple:
@@ -112,7 +120,8 @@ def kernel_arg_names(kernel) -> tuple:
 
 
 def make_launch(kernel, grid, *, num_warps: int, num_stages: int, constexprs: dict, outputs, name: str,
-                scalars: dict | None = None, enable_fp_fusion: bool = True, xla_pipeline: bool = False) -> Launch:
+                scalars: dict | None = None, enable_fp_fusion: bool = True, xla_pipeline: bool = False,
+                maxnreg: Optional[int] = None) -> Launch:
     """Builds a :class:`Launch` with its dicts frozen into sorted-by-signature tuples (hashable)."""
     order = {n: i for i, n in enumerate(kernel_arg_names(kernel))}
     missing = [n for n in list(constexprs) + list(scalars or {}) if n not in order]
@@ -122,4 +131,5 @@ def make_launch(kernel, grid, *, num_warps: int, num_stages: int, constexprs: di
         kernel=kernel, grid=tuple(int(g) for g in grid), num_warps=int(num_warps), num_stages=int(num_stages),
         constexprs=tuple(sorted(constexprs.items(), key=lambda kv: order[kv[0]])),
         scalars=tuple(sorted(((k, int(v)) for k, v in (scalars or {}).items()), key=lambda kv: order[kv[0]])),
-        outputs=tuple(outputs), name=name, enable_fp_fusion=enable_fp_fusion, xla_pipeline=xla_pipeline)
+        outputs=tuple(outputs), name=name, enable_fp_fusion=enable_fp_fusion, xla_pipeline=xla_pipeline,
+        maxnreg=maxnreg)

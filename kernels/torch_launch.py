@@ -61,7 +61,7 @@ def _launch_through_triton(launch: Launch, inputs, outputs):
     return launch.kernel[launch.grid3](
         *inputs, *(v for _, v in launch.scalars), *outputs,
         num_warps=launch.num_warps, num_stages=launch.num_stages, enable_fp_fusion=launch.enable_fp_fusion,
-        **launch.constexpr_dict())
+        **({} if launch.maxnreg is None else dict(maxnreg=launch.maxnreg)), **launch.constexpr_dict())
 
 
 # Triton versions whose CompiledKernel.run takes (grid x3, stream, function, packed metadata, launch

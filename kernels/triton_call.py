@@ -157,7 +157,7 @@ def _signature(launch: Launch, input_avals, scalars_as_constants: bool) -> tuple
 
 @functools.lru_cache(maxsize=None)
 def _compile(kernel, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int, enable_fp_fusion: bool,
-             compute_capability: int):
+             compute_capability: int, maxnreg: int | None = None):
     """Triton's compilation of ``kernel`` for one signature (PTX, TTIR and metadata), cached."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -167,15 +167,17 @@ def _compile(kernel, signature: tuple, constexprs: tuple, num_warps: int, num_st
     source = ASTSource(kernel, dict(signature), constexprs=dict(constexprs), attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", compute_capability, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages, num_ctas=1,
-                                       enable_fp_fusion=enable_fp_fusion))
+                                       enable_fp_fusion=enable_fp_fusion,
+                                       **({} if maxnreg is None else dict(maxnreg=maxnreg))))
 
 
 @functools.lru_cache(maxsize=None)
 def _jaxlib_kernel(kernel, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int,
-                   enable_fp_fusion: bool, compute_capability: int):
+                   enable_fp_fusion: bool, compute_capability: int, maxnreg: int | None = None):
     """The compiled kernel as a jaxlib ``TritonKernel`` (PTX; no TTIR: it would only enlarge every call's proto)."""
     gpu_triton = _gpu_triton()
-    compiled = _compile(kernel, signature, constexprs, num_warps, num_stages, enable_fp_fusion, compute_capability)
+    compiled = _compile(kernel, signature, constexprs, num_warps, num_stages, enable_fp_fusion, compute_capability,
+                        maxnreg)
     meta = compiled.metadata
     if getattr(meta, "profile_scratch_size", 0):
         raise RuntimeError(f"{meta.name}: kernels that need profiler scratch memory are not supported")
@@ -196,7 +198,7 @@ def kernel_call_proto(launch: Launch, input_avals) -> bytes:
     gpu_triton = _gpu_triton()
     kernel = _jaxlib_kernel(launch.kernel, _signature(launch, input_avals, False), launch.constexprs,
                             launch.num_warps, launch.num_stages, launch.enable_fp_fusion,
-                            gpu_triton.get_compute_capability(0))
+                            gpu_triton.get_compute_capability(0), launch.maxnreg)
     params = [gpu_triton.create_array_parameter(0, POINTER_ALIGNMENT) for _ in input_avals]
     params += [gpu_triton.create_scalar_parameter(int(v), "i32") for _, v in launch.scalars]
     params += [gpu_triton.create_array_parameter(_nbytes(o) if o.zeroed else 0, POINTER_ALIGNMENT)
