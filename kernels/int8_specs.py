@@ -19,7 +19,7 @@ def _from_meta(kernel, grid, meta: dict, *, outputs, name: str, m: int, enable_f
     maxnreg = meta.pop("maxnreg", None)
     return make_launch(kernel, grid, num_warps=num_warps, num_stages=num_stages, constexprs=meta,
                        scalars=dict(M=m), outputs=outputs, name=name, enable_fp_fusion=enable_fp_fusion,
-                       xla_pipeline=xla_pipeline and maxnreg is None, maxnreg=maxnreg)
+                       xla_pipeline=xla_pipeline, maxnreg=maxnreg)
 
 
 def gemm_launch(m: int, n: int, k: int, out_dtype: str, *, has_bias: bool, b_scale_global: bool,
@@ -36,7 +36,6 @@ def gemm_launch(m: int, n: int, k: int, out_dtype: str, *, has_bias: bool, b_sca
     # Through XLA's own Triton pipeline, launched like an XLA op (H200 decoder stack at M = 1:
     # 3.5 ms per step against 4.2-4.6 ms through the FFI call). The outlier variants ran the GPU
     # tests there too (tests/kernels/test_int8_gpu.py with every launch forced through it).
-    # A register-capped config (``maxnreg``) takes the FFI call instead: XLA's pipeline has no cap.
     return _from_meta(int8_gemm.int8_matmul_dequant_kernel, grid, meta, outputs=(Output((m, n), out_dtype),),
                       name="qflax_int8_matmul_dequant", m=m, xla_pipeline=True)
 

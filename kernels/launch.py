@@ -52,7 +52,8 @@ class Launch:
         pipeline (``triton_call``'s ``__gpu$xla.gpu.triton`` target, launched like an XLA kernel);
         others use jaxlib's kernel-call custom call.
       maxnreg: cap on registers per thread (PTX ``.maxnreg``), or None for the compiler's choice.
-        XLA's pipeline takes no such option, so a capped launch is never ``xla_pipeline``.
+        A compile option of Triton's; XLA's pipeline gets it as the Triton IR module's
+        ``ttg.maxnreg`` attribute (what Triton's own pipeline sets from that option).
     """
 
     kernel: Any
@@ -72,9 +73,6 @@ class Launch:
             raise ValueError(f"{self.name}: grid must have 1 to 3 positive entries, got {self.grid}")
         if self.maxnreg is not None and not (isinstance(self.maxnreg, int) and 24 <= self.maxnreg <= 255):
             raise ValueError(f"{self.name}: maxnreg must be None or an int in [24, 255], got {self.maxnreg!r}")
-        if self.maxnreg is not None and self.xla_pipeline:
-            raise ValueError(f"{self.name}: XLA's Triton pipeline cannot cap registers; "
-                             f"a launch with maxnreg={self.maxnreg} must have xla_pipeline=False")
 
     @property
     def grid3(self) -> tuple:

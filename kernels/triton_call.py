@@ -26,6 +26,7 @@ The primitive has no autodiff or batching rules of its own: the ops in ``qflax.o
 
 import functools
 import os
+import re
 import threading
 import zlib
 
@@ -212,7 +213,29 @@ def kernel_ttir(launch: Launch, input_avals) -> str:
     constexprs = launch.constexprs + launch.scalars
     compiled = _compile(launch.kernel, _signature(launch, input_avals, True), constexprs, launch.num_warps,
                         launch.num_stages, launch.enable_fp_fusion, _gpu_triton().get_compute_capability(0))
-    return compiled.asm["ttir"]
+    return with_register_cap(compiled.asm["ttir"], launch.maxnreg)
+
+
+def with_register_cap(ttir: str, maxnreg: int | None) -> str:
+    """Triton IR text with its module attributed ``ttg.maxnreg = maxnreg`` (unchanged for None).
+
+    Triton's compiler turns its ``maxnreg`` option into this attribute after the Triton IR stage,
+    and its lowering to LLVM makes it the kernel's ``.maxnreg``; XLA's pipeline, which starts from
+    the Triton IR and takes no such option, runs the same lowering.
+
+    Raises:
+      ValueError: ``ttir`` has no module, or one that already caps its registers.
+    """
+    if maxnreg is None:
+        return ttir
+    head = re.search(r"^module( attributes \{)?", ttir, flags=re.M)
+    if head is None or "ttg.maxnreg" in ttir[head.start():ttir.find("\n", head.start())]:
+        found = "no module" if head is None else "a module that already sets ttg.maxnreg"
+        raise ValueError(f"cannot cap the registers of this Triton IR: found {found}")
+    cap = f'"ttg.maxnreg" = {int(maxnreg)} : i32'
+    # Merged into the module's attributes where it has some.
+    attributes = f"module attributes {{{cap}, " if head.group(1) else f"module attributes {{{cap}}}"
+    return ttir[:head.start()] + attributes + ttir[head.end():]
 
 
 def _row_major(avals):

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from qflax_kernels import int8_gemm, int8_specs
+from qflax_kernels import int8_gemm, int8_specs, triton_call
 from qflax_kernels.launch import Launch, Output, make_launch
 
 # The most dynamic shared memory one program may have on sm_90 (227 KiB).
@@ -21,10 +21,10 @@ def _gemm(m, n=14336, k=4096, dtype="bfloat16", **kwargs):
     return int8_specs.gemm_launch(m, n, k, dtype, has_bias=False, b_scale_global=False, **kwargs)
 
 
-def test_outlier_tiles_of_128_rows_are_register_capped_and_take_the_ffi_call():
+def test_outlier_tiles_of_128_rows_are_register_capped():
     capped = _gemm(512)
     assert capped.maxnreg == int8_gemm.OUTLIER_TILE_MAXNREG
-    assert not capped.xla_pipeline  # XLA's pipeline has no register cap
+    assert capped.xla_pipeline  # the cap reaches XLA's pipeline as a Triton IR module attribute
     # The same tiles without outliers, decode tiles, the big tiles and float32 x stay uncapped.
     for launch in (_gemm(512, has_outliers=False), _gemm(16), _gemm(1), _gemm(2048),
                    _gemm(512, dtype="float32", dot_ieee=True)):
@@ -53,18 +53,31 @@ def test_launch_refuses_a_register_cap_out_of_range(maxnreg):
         _launch(maxnreg=maxnreg)
 
 
-def test_launch_refuses_a_register_cap_through_xlas_pipeline():
-    with pytest.raises(ValueError, match="XLA's Triton pipeline cannot cap registers"):
-        _launch(maxnreg=128, xla_pipeline=True)
-    with pytest.raises(ValueError, match="maxnreg"):
+def test_make_launch_refuses_a_register_cap_out_of_range():
+    with pytest.raises(ValueError, match="maxnreg must be None or an int"):
         make_launch(int8_gemm.int8_matmul_dequant_kernel, (1,), num_warps=4, num_stages=2, constexprs={},
-                    outputs=(), name="gemm", xla_pipeline=True, maxnreg=128)
+                    outputs=(), name="gemm", maxnreg=256)
+
+
+def test_register_cap_goes_into_the_triton_ir_module_attributes():
+    ttir = '#loc = loc("k.py":1:0)\nmodule {\n  tt.func public @k() {\n  }\n}\n'
+    assert triton_call.with_register_cap(ttir, None) == ttir
+    capped = triton_call.with_register_cap(ttir, 128)
+    assert capped.splitlines()[1] == 'module attributes {"ttg.maxnreg" = 128 : i32} {'
+    assert capped.splitlines()[2:] == ttir.splitlines()[2:]
+    merged = triton_call.with_register_cap('module attributes {"ttg.num-warps" = 8 : i32} {\n}', 96)
+    assert merged.splitlines()[0] == 'module attributes {"ttg.maxnreg" = 96 : i32, "ttg.num-warps" = 8 : i32} {'
+    with pytest.raises(ValueError, match="found no module"):
+        triton_call.with_register_cap("tt.func @k()", 128)
+    with pytest.raises(ValueError, match="already sets ttg.maxnreg"):
+        triton_call.with_register_cap(capped, 64)
 
 
 # Compiled by a fresh interpreter: this process imported the kernels under TRITON_INTERPRET=1.
 _COMPILE_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys, tempfile
     import jax
+    import triton
     from qflax_kernels import int8_specs, triton_call
 
     out = []
@@ -76,7 +89,19 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         compiled = triton_call._compile(launch.kernel, triton_call._signature(launch, avals, False),
                                         launch.constexprs, launch.num_warps, launch.num_stages,
                                         launch.enable_fp_fusion, 90, launch.maxnreg)
-        out.append(dict(shared=compiled.metadata.shared, capped=".maxnreg" in compiled.asm["ptx"]))
+        # The Triton IR XLA's pipeline gets (uncapped compile + module attribute), compiled from text.
+        path = os.path.join(tempfile.gettempdir(), f"qflax_gemm_{os.getpid()}_{len(out)}.ttir")
+        with open(path, "w") as f:
+            uncapped = triton_call._compile(launch.kernel, triton_call._signature(launch, avals, True),
+                                            launch.constexprs + launch.scalars, launch.num_warps, launch.num_stages,
+                                            launch.enable_fp_fusion, 90)
+            f.write(triton_call.with_register_cap(uncapped.asm["ttir"], launch.maxnreg))
+        from triton.backends.compiler import GPUTarget
+        from_ttir = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                                   options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+        os.remove(path)
+        out.append(dict(shared=compiled.metadata.shared, capped=".maxnreg" in compiled.asm["ptx"],
+                        capped_from_ttir=".maxnreg" in from_ttir.asm["ptx"]))
     print(json.dumps(out))
 """)
 
@@ -104,3 +129,4 @@ def test_gemm_variants_compile_for_sm90_within_its_shared_memory():
     for variant, got in zip(_VARIANTS, compiled):
         assert got["shared"] <= SM90_MAX_SHARED_BYTES, (variant, got)
     assert [got["capped"] for got in compiled] == [False, False, False, False, True]
+    assert [got["capped_from_ttir"] for got in compiled] == [False, False, False, False, True]
