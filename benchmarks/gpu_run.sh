@@ -41,8 +41,12 @@ print("ffi target:", triton_call.ffi_target_available(), "->", triton_call.custo
 PY
       ;;
     tests)
+      # The bridge tests' conftest imports bitsandbytes (the oracle): without its wheel in .whl/ they
+      # cannot even be collected, so the kernel tests run alone.
+      bridge=tests/torch_compat/test_bridge.py
+      python3 -c "import bitsandbytes" 2>/dev/null || { echo "no bitsandbytes: $bridge not run"; bridge=; }
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout 300 python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
-        tests/kernels tests/torch_compat/test_bridge.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
+        tests/kernels $bridge 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
       ;;
     launch|launch-cb)
       (cd benchmarks && timeout 150 python3 bench_launch.py --out "$OUT/launch.json" 2>&1 | tail -25)
