@@ -5,8 +5,8 @@ Usage (GPU machine)::
     python benchmarks/bench_int8.py --out benchmarks/results [--parts gemm,llm,switchback,bnb] [--sweep]
 
 Method: each timed call is one jitted function applying the layer to L distinct weights (L
-chosen so the int8 weights of one call total >= 256 MB); the median over repeats divided by L
-is the per-layer time. The bf16 baseline is the faster of XLA's dot and torch's ``F.linear``
+chosen so the int8 weights of one call total >= 256 MB), calls issued back to back; the median
+over repeats divided by L is the per-layer time. The bf16 baseline is the faster of XLA's dot and torch's ``F.linear``
 replayed from a CUDA graph, both measured here on the same shapes; bitsandbytes 0.49.2
 ``Linear8bitLt`` is timed on the same card (CUDA graph where it can be captured, else eager
 with CUDA events). Writes ``<out>/int8-<device>-<date>.json`` with one row per measurement.
@@ -23,7 +23,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
